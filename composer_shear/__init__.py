@@ -1,0 +1,15 @@
+"""composer_shear: Sheared-LLaMA targeted pruning and dynamic batch loading for LLM Foundry.
+
+Where things live:
+    * :mod:`composer_shear.shape` -- model shapes, target validation, parameter counting.
+    * :mod:`composer_shear.gates` -- hard-concrete gates: sampling, expected L0, top-k masks.
+    * :mod:`composer_shear.adapters` -- where each model family keeps its projections and norms.
+    * :mod:`composer_shear.masking` -- forward hooks that multiply gates into a stock HF model.
+    * :mod:`composer_shear.pruning` -- the ``targeted_pruning`` Composer algorithm and penalty.
+    * :mod:`composer_shear.surgery` -- deterministic masks -> compact Hugging Face model.
+    * :mod:`composer_shear.export` -- Composer checkpoint -> Hugging Face directory.
+    * :mod:`composer_shear.data` -- per-domain Streaming datasets and the live mixer.
+    * :mod:`composer_shear.callbacks` -- dynamic batch loading, export at fit end.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny tokenizer and tiny HF checkpoints, all built offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.tiny_models import build_tiny_tokenizer
+
+# Nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """Directory holding a 512-token byte-level BPE tokenizer trained on stdlib text."""
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(out)
+    return out
