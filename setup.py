@@ -1,5 +1,7 @@
 """Packaging for composer_shear: a Sheared-LLaMA style pruning plugin for LLM Foundry."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # The stack that is known to work together (see README, "Pinned stack").
@@ -13,6 +15,8 @@ INSTALL_REQUIRES = [
     "safetensors",
     "numpy",
     "matplotlib",
+    # llm-foundry 0.22 imports pkg_resources, which setuptools 81+ no longer ships.
+    "setuptools<81",
 ]
 
 EXTRAS = {
@@ -31,7 +35,7 @@ setup(
         "Targeted structured pruning and dynamic batch loading (Sheared-LLaMA) "
         "for MosaicML Composer and LLM Foundry"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["composer_shear", "composer_shear.*"]),

@@ -1,0 +1,383 @@
+"""Gates inside an unmodified ``transformers`` model: the gate module and its forward hooks.
+
+:class:`ShearGates` is attached to the Hugging Face model as the child ``shear_gates``. A
+forward pre-hook on the model calls it once per forward pass: in training it *samples* every
+gate (so activation checkpointing, which re-runs layer hooks, reuses the same sample) and
+computes the Lagrangian penalty inside the forward, where FSDP has the gate parameters
+unsharded; in eval it builds the deterministic masks. Small hooks on the model's own modules
+then multiply the current masks in:
+
+=====================  =====================================================================
+where                  what
+=====================  =====================================================================
+embedding output       hidden gates
+``o_proj`` input       per-head gates (kv-group gate x query-head-in-group gate)
+``o_proj`` output      layer gate x hidden gates (the attention residual branch)
+``down_proj`` input    intermediate gates
+``down_proj`` output   layer gate x hidden gates (the MLP residual branch)
+every RMSNorm          statistics over the kept hidden dims only (pre-scale, post-unscale)
+=====================  =====================================================================
+
+With the deterministic masks the masked model computes exactly what the sliced model of
+:mod:`composer_shear.surgery` computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from composer_shear.adapters import DecoderAdapter, get_adapter
+from composer_shear.gates import HardConcreteGate
+from composer_shear.shape import ModelShape, count_params
+
+__all__ = [
+    "DIMENSIONS",
+    "EVAL_MODES",
+    "ForwardMasks",
+    "ShearGates",
+    "attach_gates",
+    "find_gates",
+]
+
+# Prunable dimensions, in the order they are reported.
+DIMENSIONS = ("layers", "kv_heads", "heads", "intermediate", "hidden")
+EVAL_MODES = ("target", "expected")
+GATES_ATTR = "shear_gates"
+
+
+@dataclass
+class ForwardMasks:
+    """The gate values of one forward pass, laid out for the hooks.
+
+    Attributes:
+        hidden: ``(D,)`` hidden gates (embedding output), or None.
+        norm_scale: ``sqrt(D / kept)``: makes RMSNorm average over kept dims only, or None.
+        head: ``(L, H * head_dim)`` per-head gates expanded over head_dim, or None.
+        intermediate: ``(L, I)`` intermediate gates, or None.
+        branch: ``(L, 1)`` or ``(L, D)`` residual-branch scale (layer x hidden), or None.
+    """
+
+    hidden: torch.Tensor | None = None
+    norm_scale: torch.Tensor | None = None
+    head: torch.Tensor | None = None
+    intermediate: torch.Tensor | None = None
+    branch: torch.Tensor | None = None
+
+
+class ShearGates(nn.Module):
+    """All gates of a model pruned from ``source`` toward ``target``.
+
+    A gate exists only for a dimension the target shrinks. Under GQA, ``kv_heads`` gates
+    prune whole kv groups and ``heads`` gates prune query heads inside every group (the same
+    number per group); a target may need either or both.
+
+    Args:
+        source: Shape of the model being pruned.
+        target: Validated target shape (:meth:`ModelShape.resolve_target`).
+        init_log_alpha: Initial log-alpha of every gate.
+        seed: Seed of the initial symmetry-breaking noise.
+        device: Allocation device (``meta`` under FSDP deferred init).
+    """
+
+    def __init__(
+        self,
+        source: ModelShape,
+        target: ModelShape,
+        init_log_alpha: float = 5.0,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.source, self.target = source, target
+        n_layers, n_kv = source.num_hidden_layers, source.num_key_value_heads
+        specs = {
+            "layers": ((n_layers,), target.num_hidden_layers),
+            "kv_heads": ((n_layers, n_kv), target.num_key_value_heads),
+            "heads": ((n_layers, n_kv, source.heads_per_group), target.heads_per_group),
+            "intermediate": ((n_layers, source.intermediate_size), target.intermediate_size),
+            "hidden": ((source.hidden_size,), target.hidden_size),
+        }
+        self.gates = nn.ModuleDict()
+        for index, name in enumerate(DIMENSIONS):
+            shape, keep = specs[name]
+            if keep < shape[-1]:
+                self.gates[name] = HardConcreteGate(
+                    shape, keep, init_log_alpha, seed=seed + index, device=device
+                )
+        # Fraction of each dimension's final target sparsity the penalty currently asks for
+        # (the Lagrangian warm-up); set by the algorithm before every batch.
+        self.target_progress = 1.0
+        self.eval_at = "target"
+        self.masks: ForwardMasks | None = None
+        self.penalty: torch.Tensor | None = None
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    # -- gate values ------------------------------------------------------------------------
+
+    def gate_values(self) -> dict[str, torch.Tensor]:
+        """Gate values for this forward: sampled in training, deterministic in eval."""
+        if self.training:
+            return {name: gate.sample() for name, gate in self.gates.items()}
+        return self.deterministic_values(self.eval_at)
+
+    @torch.no_grad()
+    def deterministic_values(self, eval_at: str = "target") -> dict[str, torch.Tensor]:
+        """Deterministic gates keeping exactly the target (or expected) count per row."""
+        values = {}
+        for name, gate in self.gates.items():
+            keep = gate.expected_keep_count() if eval_at == "expected" else None
+            if name == "hidden":
+                # Binary: the residual stream feeds RMSNorms and, with tied embeddings, the
+                # embedding matrix doubles as lm_head, so no scale can be folded in here.
+                values[name] = gate.deterministic_keep_mask(keep).to(gate.log_alpha.dtype)
+            else:
+                values[name] = gate.deterministic(keep)
+        return values
+
+    def head_values(self, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Per query head gate ``(L, H)``: kv-group gate times head-in-group gate."""
+        kv, heads = values.get("kv_heads"), values.get("heads")
+        if kv is None and heads is None:
+            return None
+        n_layers, n_kv = self.source.num_hidden_layers, self.source.num_key_value_heads
+        per_head = torch.ones(
+            (n_layers, n_kv, self.source.heads_per_group),
+            device=(kv if kv is not None else heads).device,
+            dtype=(kv if kv is not None else heads).dtype,
+        )
+        if kv is not None:
+            per_head = per_head * kv.unsqueeze(-1)
+        if heads is not None:
+            per_head = per_head * heads
+        # Query head i belongs to kv group i // heads_per_group: group-major flattening.
+        return per_head.reshape(n_layers, -1)
+
+    def build_masks(self, values: dict[str, torch.Tensor]) -> ForwardMasks:
+        """Lays the gate values out the way the hooks consume them."""
+        masks = ForwardMasks()
+        head = self.head_values(values)
+        if head is not None:
+            masks.head = head.repeat_interleave(self.source.head_dim, dim=-1)
+        masks.intermediate = values.get("intermediate")
+        layer, hidden = values.get("layers"), values.get("hidden")
+        if hidden is not None:
+            masks.hidden = hidden
+            kept = torch.count_nonzero(hidden).clamp(min=1).to(hidden.dtype)
+            masks.norm_scale = torch.sqrt(hidden.numel() / kept)
+        if layer is not None and hidden is not None:
+            masks.branch = layer.unsqueeze(-1) * hidden.unsqueeze(0)
+        elif layer is not None:
+            masks.branch = layer.unsqueeze(-1)
+        elif hidden is not None:
+            masks.branch = hidden.unsqueeze(0).expand(self.source.num_hidden_layers, -1)
+        return masks
+
+    # -- penalty ----------------------------------------------------------------------------
+
+    def expected_num_params(self) -> torch.Tensor:
+        """Expected parameter count under the current gate distributions."""
+        src = self.source
+        probs = {name: gate.prob_nonzero() for name, gate in self.gates.items()}
+        n_layers = src.num_hidden_layers
+        ref = next(iter(probs.values()))
+        ones = torch.ones(n_layers, device=ref.device, dtype=ref.dtype)
+        p_kv = probs.get("kv_heads")
+        p_kv = p_kv if p_kv is not None else ones.new_ones((n_layers, src.num_key_value_heads))
+        kv_heads = p_kv.sum(-1)
+        if "heads" in probs:
+            q_heads = (p_kv.unsqueeze(-1) * probs["heads"]).sum((-1, -2))
+        else:
+            q_heads = kv_heads * src.heads_per_group
+        inter = (
+            probs["intermediate"].sum(-1)
+            if "intermediate" in probs
+            else ones * (src.intermediate_size)
+        )
+        return count_params(
+            vocab_size=src.vocab_size,
+            hidden=probs["hidden"].sum() if "hidden" in probs else src.hidden_size,
+            layer_keep=probs.get("layers", ones),
+            q_heads=q_heads,
+            kv_heads=kv_heads,
+            intermediate=inter,
+            head_dim=src.head_dim,
+            tie_word_embeddings=src.tie_word_embeddings,
+            qkv_bias=src.qkv_bias,
+            o_bias=src.o_bias,
+            mlp_bias=src.mlp_bias,
+        )
+
+    def lagrangian_penalty(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sum of the per-dimension Lagrangian terms, and the values worth logging."""
+        penalty = torch.zeros((), device=self.gates_device())
+        metrics: dict[str, torch.Tensor] = {}
+        for name, gate in self.gates.items():
+            target = self.target_progress * gate.target_sparsity
+            expected = gate.expected_sparsity()
+            term = gate.lagrangian(target)
+            penalty = penalty + term
+            metrics[f"pruning/{name}/expected_sparsity"] = expected.detach()
+            metrics[f"pruning/{name}/target_sparsity"] = torch.tensor(target)
+            metrics[f"pruning/{name}/lambda_1"] = gate.lambda_1.detach()
+            metrics[f"pruning/{name}/lambda_2"] = gate.lambda_2.detach()
+            metrics[f"pruning/{name}/lagrangian"] = term.detach()
+        metrics["pruning/expected_num_params"] = self.expected_num_params().detach()
+        metrics["pruning/target_num_params"] = torch.tensor(float(self.target.num_params()))
+        metrics["pruning/penalty"] = penalty.detach()
+        return penalty, metrics
+
+    def gates_device(self) -> torch.device:
+        """Device of the gate parameters."""
+        return next(self.parameters()).device
+
+    # -- the forward pass -------------------------------------------------------------------
+
+    def forward(self) -> ForwardMasks:
+        """Computes this forward pass's masks (and, in training, the penalty)."""
+        self.masks = self.build_masks(self.gate_values())
+        if self.training:
+            self.penalty, self.metrics = self.lagrangian_penalty()
+        return self.masks
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamps every log-alpha into range (after the optimizer step)."""
+        for gate in self.gates.values():
+            gate.clamp_()
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """Boolean keep masks of the deterministic gates at the target, per dimension."""
+        return {name: gate.deterministic_keep_mask() for name, gate in self.gates.items()}
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+
+def _scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Match the activation dtype so that a bf16 stream stays bf16.
+    return x * scale.to(x.dtype)
+
+
+def _install_layer_hooks(
+    gates: ShearGates, index: int, modules, handles: list[RemovableHandle]
+) -> None:
+    def head_pre(module, args):
+        masks = gates.masks
+        if masks is None or masks.head is None:
+            return None
+        return (_scale(args[0], masks.head[index]), *args[1:])
+
+    def intermediate_pre(module, args):
+        masks = gates.masks
+        if masks is None or masks.intermediate is None:
+            return None
+        return (_scale(args[0], masks.intermediate[index]), *args[1:])
+
+    def branch_post(module, args, output):
+        masks = gates.masks
+        if masks is None or masks.branch is None:
+            return None
+        return _scale(output, masks.branch[index])
+
+    if "kv_heads" in gates.gates or "heads" in gates.gates:
+        handles.append(modules.o_proj.register_forward_pre_hook(head_pre))
+    if "intermediate" in gates.gates:
+        handles.append(modules.down_proj.register_forward_pre_hook(intermediate_pre))
+    if "layers" in gates.gates or "hidden" in gates.gates:
+        handles.append(modules.o_proj.register_forward_hook(branch_post))
+        handles.append(modules.down_proj.register_forward_hook(branch_post))
+    if "hidden" in gates.gates:
+        for norm in (modules.input_norm, modules.post_attention_norm):
+            _install_norm_hooks(gates, norm, handles)
+
+
+def _install_norm_hooks(gates: ShearGates, norm: nn.Module, handles: list) -> None:
+    # RMSNorm(c x) / c with c = sqrt(D / kept) equals RMSNorm over the kept dims only, because
+    # pruned dims of the residual stream are exactly zero: mean(c^2 x^2) = sum(x^2) / kept.
+    def pre(module, args):
+        masks = gates.masks
+        if masks is None or masks.norm_scale is None:
+            return None
+        return (_scale(args[0], masks.norm_scale), *args[1:])
+
+    def post(module, args, output):
+        masks = gates.masks
+        if masks is None or masks.norm_scale is None:
+            return None
+        return _scale(output, 1.0 / masks.norm_scale)
+
+    handles.append(norm.register_forward_pre_hook(pre))
+    handles.append(norm.register_forward_hook(post))
+
+
+def install_hooks(model: nn.Module, gates: ShearGates, adapter: DecoderAdapter) -> list:
+    """Registers the root pre-hook and the per-module hooks; returns their handles."""
+    handles: list[RemovableHandle] = []
+
+    def root_pre(module, args, kwargs):
+        gates()  # a module call, so FSDP unshards the gates if they are wrapped separately
+        return None
+
+    handles.append(model.register_forward_pre_hook(root_pre, with_kwargs=True))
+    if "hidden" in gates.gates:
+
+        def embed_post(module, args, output):
+            masks = gates.masks
+            return None if masks is None else _scale(output, masks.hidden)
+
+        handles.append(adapter.embedding(model).register_forward_hook(embed_post))
+        _install_norm_hooks(gates, adapter.final_norm_module(model), handles)
+    for index, layer in enumerate(adapter.layer_list(model)):
+        _install_layer_hooks(gates, index, adapter.layer_modules(layer), handles)
+    return handles
+
+
+def attach_gates(
+    model: nn.Module,
+    target_shape: dict,
+    init_log_alpha: float = 5.0,
+    seed: int = 0,
+    eval_at: str = "target",
+) -> ShearGates:
+    """Adds gates for ``target_shape`` to a Hugging Face causal LM, in place.
+
+    The model's own modules and parameters are untouched; the gates become the child module
+    ``shear_gates`` (so they are saved, loaded and sharded with the model) and hooks apply them.
+
+    Args:
+        model: A ``transformers`` causal LM of a supported family.
+        target_shape: Partial target, see :meth:`ModelShape.resolve_target`.
+        init_log_alpha: Initial log-alpha of every gate.
+        seed: Seed of the initial noise (identical on every rank).
+        eval_at: ``"target"`` (deterministic masks at the target shape) or ``"expected"``
+            (at the current expected shape, the paper's ``eval_target_model: false``).
+
+    Returns:
+        The attached :class:`ShearGates`.
+    """
+    if eval_at not in EVAL_MODES:
+        raise ValueError(f"eval_at must be one of {EVAL_MODES}, got {eval_at!r}")
+    if find_gates(model) is not None:
+        raise ValueError("This model already carries pruning gates.")
+    adapter = get_adapter(model)
+    source = ModelShape.from_config(model.config, adapter.bias_layout(model.config))
+    target = source.resolve_target(target_shape)
+    device = adapter.embedding(model).weight.device
+    gates = ShearGates(source, target, init_log_alpha=init_log_alpha, seed=seed, device=device)
+    gates.eval_at = eval_at
+    gates.train(model.training)
+    model.add_module(GATES_ATTR, gates)
+    gates._hook_handles = install_hooks(model, gates, adapter)
+    return gates
+
+
+def find_gates(model: nn.Module) -> ShearGates | None:
+    """Returns the :class:`ShearGates` inside ``model`` (any wrapper depth), if any."""
+    for module in model.modules():
+        if isinstance(module, ShearGates):
+            return module
+    return None

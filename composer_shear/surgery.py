@@ -1,0 +1,249 @@
+"""Model surgery: deterministic gates -> a compact, standard Hugging Face model.
+
+This is where a model is sliced. The deterministic gates (exactly the target count per row)
+say which layers, kv groups, query heads, intermediate units and hidden dims survive; the
+surviving gate values are folded into the weights that consume them (``o_proj`` columns and
+rows, ``down_proj`` columns and rows), every affected tensor is sliced, removed layers are
+dropped, and a new config with the target shape (``head_dim`` explicit) is written. The
+result computes what the masked model computes in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from composer_shear.adapters import DecoderAdapter, get_adapter
+from composer_shear.masking import GATES_ATTR, ShearGates, find_gates
+from composer_shear.shape import ModelShape
+
+__all__ = ["PruningPlan", "plan_pruning", "prune_model", "pruned_config"]
+
+
+@dataclass
+class PruningPlan:
+    """What survives, and the gate values to fold in, for every kept layer.
+
+    Attributes:
+        kept_layers: Source indices of the kept layers, ascending.
+        layer_scale: Per kept layer, the layer gate value.
+        kept_heads: Per kept layer, source query-head indices (group-major order).
+        head_scale: Per kept layer, the gate value of each kept query head.
+        kept_kv: Per kept layer, source kv-head indices.
+        kept_intermediate: Per kept layer, source intermediate indices.
+        intermediate_scale: Per kept layer, the gate value of each kept intermediate unit.
+        kept_hidden: Source hidden indices kept (same for the whole model).
+        target: The resulting shape.
+    """
+
+    kept_layers: list[int]
+    layer_scale: torch.Tensor
+    kept_heads: torch.Tensor
+    head_scale: torch.Tensor
+    kept_kv: torch.Tensor
+    kept_intermediate: torch.Tensor
+    intermediate_scale: torch.Tensor
+    kept_hidden: torch.Tensor
+    target: ModelShape
+
+
+def _kept_indices(keep_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the ascending indices where ``keep_mask`` is set (same count in every row)."""
+    count = int(keep_mask[0].sum()) if keep_mask.dim() > 1 else int(keep_mask.sum())
+    return torch.sort(torch.topk(keep_mask.float(), count, dim=-1).indices, -1).values
+
+
+@torch.no_grad()
+def plan_pruning(gates: ShearGates) -> PruningPlan:
+    """Turns the deterministic gates at the target into index lists and scales."""
+    src, target = gates.source, gates.target
+    values = {name: value.float().cpu() for name, value in gates.deterministic_values().items()}
+    keep = {name: mask.cpu() for name, mask in gates.keep_masks().items()}
+    n_layers, n_kv, n_rep = src.num_hidden_layers, src.num_key_value_heads, src.heads_per_group
+
+    if "layers" in values:
+        kept_layers = torch.nonzero(keep["layers"]).flatten().tolist()
+        layer_scale = values["layers"][kept_layers]
+    else:
+        kept_layers, layer_scale = list(range(n_layers)), torch.ones(n_layers)
+
+    head_keep = torch.ones((n_layers, n_kv, n_rep), dtype=torch.bool)
+    if "kv_heads" in keep:
+        head_keep &= keep["kv_heads"].unsqueeze(-1)
+    if "heads" in keep:
+        head_keep &= keep["heads"]
+    head_values = gates.head_values(values)
+    if head_values is None:
+        head_values = torch.ones((n_layers, n_kv * n_rep))
+    head_keep = head_keep.reshape(n_layers, -1)
+    kept_heads = _kept_indices(head_keep)
+    head_scale = torch.gather(head_values, 1, kept_heads)
+    kv_keep = keep.get("kv_heads", torch.ones((n_layers, n_kv), dtype=torch.bool))
+    kept_kv = _kept_indices(kv_keep)
+
+    if "intermediate" in values:
+        kept_inter = _kept_indices(keep["intermediate"])
+        inter_scale = torch.gather(values["intermediate"], 1, kept_inter)
+    else:
+        kept_inter = torch.arange(src.intermediate_size).expand(n_layers, -1)
+        inter_scale = torch.ones(kept_inter.shape)
+    if "hidden" in keep:
+        kept_hidden = torch.nonzero(keep["hidden"]).flatten()
+    else:
+        kept_hidden = torch.arange(src.hidden_size)
+
+    rows = torch.tensor(kept_layers, dtype=torch.long)
+    return PruningPlan(
+        kept_layers=kept_layers,
+        layer_scale=layer_scale,
+        kept_heads=kept_heads[rows],
+        head_scale=head_scale[rows],
+        kept_kv=kept_kv[rows],
+        kept_intermediate=kept_inter[rows],
+        intermediate_scale=inter_scale[rows],
+        kept_hidden=kept_hidden,
+        target=target,
+    )
+
+
+def pruned_config(
+    config: PretrainedConfig, plan: PruningPlan, adapter: DecoderAdapter
+) -> PretrainedConfig:
+    """The source config with the target shape; everything else carried over."""
+    new = copy.deepcopy(config)
+    updates = plan.target.config_updates()
+    updates.update(adapter.layer_fixups(config, plan.kept_layers))
+    for key, value in updates.items():
+        setattr(new, key, value)
+    return new
+
+
+def _rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return weight.index_select(0, index.to(weight.device))
+
+
+def _cols(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return weight.index_select(1, index.to(weight.device))
+
+
+def _fold(weight: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """Multiplies ``weight`` by ``scale`` along ``dim`` in fp32, keeping its dtype."""
+    shape = [1] * weight.dim()
+    shape[dim] = -1
+    scaled = weight.float() * scale.to(weight.device, torch.float32).reshape(shape)
+    return scaled.to(weight.dtype)
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of a q/k/v projection for the given heads."""
+    return (heads.unsqueeze(-1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+@torch.no_grad()
+def _pruned_state_dict(
+    model: nn.Module, plan: PruningPlan, adapter: DecoderAdapter
+) -> dict[str, torch.Tensor]:
+    """Sliced and folded tensors, keyed like the compact model's state dict."""
+    hidden = plan.kept_hidden
+    head_dim = plan.target.head_dim
+    prefix = adapter.decoder
+    state: dict[str, torch.Tensor] = {}
+
+    embed = _cols(adapter.embedding(model).weight, hidden)
+    state[f"{prefix}.{adapter.embed}.weight"] = embed
+    state[f"{prefix}.{adapter.final_norm}.weight"] = adapter.final_norm_module(model).weight[hidden]
+    lm_head = adapter.lm_head_module(model)
+    if plan.target.tie_word_embeddings:
+        state[f"{adapter.lm_head}.weight"] = embed
+    else:
+        state[f"{adapter.lm_head}.weight"] = _cols(lm_head.weight, hidden)
+    if getattr(lm_head, "bias", None) is not None:
+        state[f"{adapter.lm_head}.bias"] = lm_head.bias.clone()
+
+    layers = adapter.layer_list(model)
+    for new_index, old_index in enumerate(plan.kept_layers):
+        mods = adapter.layer_modules(layers[old_index])
+        heads = plan.kept_heads[new_index]
+        q_rows = _head_rows(heads, head_dim)
+        kv_rows = _head_rows(plan.kept_kv[new_index], head_dim)
+        inter = plan.kept_intermediate[new_index]
+        layer_scale = plan.layer_scale[new_index]
+        head_scale = plan.head_scale[new_index].repeat_interleave(head_dim) * layer_scale
+        inter_scale = plan.intermediate_scale[new_index] * layer_scale
+
+        base = f"{prefix}.{adapter.layers}.{new_index}"
+        attn, mlp = f"{base}.{adapter.attention}", f"{base}.{adapter.mlp}"
+        for name, module, rows in (
+            ("q_proj", mods.q_proj, q_rows),
+            ("k_proj", mods.k_proj, kv_rows),
+            ("v_proj", mods.v_proj, kv_rows),
+        ):
+            state[f"{attn}.{name}.weight"] = _cols(_rows(module.weight, rows), hidden)
+            if module.bias is not None:
+                state[f"{attn}.{name}.bias"] = _rows(module.bias, rows)
+        o_weight = _cols(_rows(mods.o_proj.weight, hidden), q_rows)
+        state[f"{attn}.o_proj.weight"] = _fold(o_weight, head_scale, dim=1)
+        if mods.o_proj.bias is not None:
+            state[f"{attn}.o_proj.bias"] = _fold(mods.o_proj.bias[hidden], layer_scale[None], 0)
+
+        for name, module in (("gate_proj", mods.gate_proj), ("up_proj", mods.up_proj)):
+            state[f"{mlp}.{name}.weight"] = _cols(_rows(module.weight, inter), hidden)
+            if module.bias is not None:
+                state[f"{mlp}.{name}.bias"] = _rows(module.bias, inter)
+        down = _cols(_rows(mods.down_proj.weight, hidden), inter)
+        state[f"{mlp}.down_proj.weight"] = _fold(down, inter_scale, dim=1)
+        if mods.down_proj.bias is not None:
+            state[f"{mlp}.down_proj.bias"] = _fold(
+                mods.down_proj.bias[hidden], layer_scale[None], 0
+            )
+
+        state[f"{base}.{adapter.input_norm}.weight"] = mods.input_norm.weight[hidden]
+        state[f"{base}.{adapter.post_attention_norm}.weight"] = mods.post_attention_norm.weight[
+            hidden
+        ]
+    # Fresh storage: the compact model must not pin the source model's memory.
+    return {key: value.detach().clone().contiguous() for key, value in state.items()}
+
+
+def _empty_model(config: PretrainedConfig) -> PreTrainedModel:
+    """A model with parameters on ``meta`` (buffers such as rotary tables stay real)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@torch.no_grad()
+def prune_model(model: PreTrainedModel, gates: ShearGates | None = None) -> PreTrainedModel:
+    """Returns the compact model that the masked ``model`` equals in eval mode.
+
+    Args:
+        model: A Hugging Face causal LM with gates attached
+            (:func:`composer_shear.masking.attach_gates`), not wrapped by FSDP (gather first).
+        gates: The gates; found inside ``model`` when omitted.
+
+    Returns:
+        A new ``transformers`` model of the target shape, in eval mode, same dtype.
+    """
+    gates = gates if gates is not None else find_gates(model)
+    if gates is None:
+        raise ValueError("The model carries no pruning gates; nothing to export.")
+    adapter = get_adapter(model)
+    plan = plan_pruning(gates)
+    config = pruned_config(model.config, plan, adapter)
+    state = _pruned_state_dict(model, plan, adapter)
+    compact = _empty_model(config)
+    # Strict: every tensor of the compact model must come from the source model.
+    compact.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        compact.tie_weights()
+    dtype = adapter.embedding(model).weight.dtype
+    compact.config.torch_dtype = dtype
+    if getattr(model, "generation_config", None) is not None:
+        compact.generation_config = copy.deepcopy(model.generation_config)
+    assert not hasattr(compact, GATES_ATTR)
+    return compact.eval()

@@ -1,0 +1,112 @@
+"""Hard-concrete gate math: sampling, expected L0, deterministic top-k."""
+
+import math
+
+import pytest
+import torch
+
+from composer_shear.gates import (
+    LIMIT_LEFT,
+    LIMIT_RIGHT,
+    LOG_ALPHA_MAX,
+    LOG_ALPHA_MIN,
+    TEMPERATURE,
+    HardConcreteGate,
+)
+
+
+def test_prob_nonzero_matches_monte_carlo():
+    torch.manual_seed(0)
+    gate = HardConcreteGate((1, 7), keep=3)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(-3, 3, 7).view(1, 7))
+    draws = torch.stack([gate.sample() for _ in range(20000)])
+    empirical = (draws > 0).float().mean(0)
+    assert torch.allclose(empirical, gate.prob_nonzero().detach(), atol=0.015)
+
+
+def test_prob_nonzero_closed_form():
+    gate = HardConcreteGate((3,), keep=1)
+    with torch.no_grad():
+        gate.log_alpha.fill_(0.0)
+    expected = 1 / (1 + math.exp(TEMPERATURE * math.log(-LIMIT_LEFT / LIMIT_RIGHT)))
+    assert gate.prob_nonzero()[0].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_samples_in_unit_interval_with_exact_zeros_and_ones():
+    gate = HardConcreteGate((1000,), keep=10)
+    with torch.no_grad():
+        gate.log_alpha.fill_(0.0)
+    z = gate.sample()
+    assert z.min() >= 0 and z.max() <= 1
+    assert (z == 0).any() and (z == 1).any()
+
+
+def test_high_init_keeps_everything():
+    gate = HardConcreteGate((4, 16), keep=8)
+    assert gate.expected_sparsity().item() < 0.01
+    kept = gate.deterministic()
+    assert torch.all((kept > 0).sum(-1) == 8)
+    # Confidently kept units take the value 1 (nothing to fold).
+    assert torch.all(kept[kept > 0] == 1.0)
+
+
+def test_deterministic_count_is_exact_and_uniform():
+    torch.manual_seed(1)
+    gate = HardConcreteGate((5, 3, 4), keep=2)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.randn(5, 3, 4) * 3)
+    det = gate.deterministic()
+    mask = gate.deterministic_keep_mask()
+    assert torch.all(mask.sum(-1) == 2)
+    # Kept units are the top-2 log-alphas of each row.
+    top = gate.log_alpha.detach().topk(2, dim=-1).indices
+    assert torch.all(mask.gather(-1, top))
+    assert torch.all(det[~mask] == 0)
+    # Louizos test-time value of the kept units.
+    value = (torch.sigmoid(gate.log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
+    assert torch.allclose(det[mask], value.detach()[mask])
+
+
+def test_deterministic_is_stable_on_ties():
+    gate = HardConcreteGate((2, 6), keep=3, init_std=0.0)
+    assert gate.deterministic_keep_mask()[:, :3].all()
+    assert not gate.deterministic_keep_mask()[:, 3:].any()
+
+
+def test_lagrangian_gradients_ascend_lambdas():
+    gate = HardConcreteGate((10,), keep=5)
+    with torch.no_grad():
+        gate.lambda_1.fill_(0.5)
+        gate.lambda_2.fill_(0.25)
+    term = gate.lagrangian(0.5)
+    gap = gate.expected_sparsity().item() - 0.5
+    assert term.item() == pytest.approx(0.5 * gap + 0.25 * gap**2, rel=1e-5)
+    term.backward()
+    assert gate.lambda_1.grad.item() == pytest.approx(gap, rel=1e-5)
+    # Too little sparsity: the penalty's gradient pushes log-alpha down (toward pruning)
+    # once lambda_1 has gone negative.
+    gate.zero_grad()
+    with torch.no_grad():
+        gate.lambda_1.fill_(-1.0)
+        gate.lambda_2.zero_()
+    gate.lagrangian(0.5).backward()
+    assert torch.all(gate.log_alpha.grad > 0)
+
+
+def test_clamp_and_seeded_init():
+    a = HardConcreteGate((3, 4), keep=2, seed=7)
+    b = HardConcreteGate((3, 4), keep=2, seed=7)
+    assert torch.equal(a.log_alpha, b.log_alpha)
+    with torch.no_grad():
+        a.log_alpha.mul_(100)
+    a.clamp_()
+    assert a.log_alpha.max() <= LOG_ALPHA_MAX + 1e-6 and a.log_alpha.min() >= LOG_ALPHA_MIN - 1e-6
+
+
+def test_expected_keep_count():
+    gate = HardConcreteGate((2, 10), keep=3)
+    assert gate.expected_keep_count() == 10
+    with torch.no_grad():
+        gate.log_alpha.fill_(LOG_ALPHA_MIN)
+    assert gate.expected_keep_count() == 1
