@@ -93,10 +93,16 @@ class HardConcreteGate(nn.Module):
         """Fraction of units pruned at the target."""
         return 1.0 - self.keep / self.num_units
 
-    def sample(self) -> torch.Tensor:
-        """Draws gates ``z`` in [0, 1] with the reparameterisation trick (training)."""
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draws gates ``z`` in [0, 1] with the reparameterisation trick (training).
+
+        Args:
+            generator: Source of the uniform noise (the global RNG when None).
+        """
         log_alpha = self.log_alpha
-        u = torch.rand(log_alpha.shape, device=log_alpha.device, dtype=log_alpha.dtype)
+        u = torch.rand(
+            log_alpha.shape, device=log_alpha.device, dtype=log_alpha.dtype, generator=generator
+        )
         u = u.clamp(_EPS, 1.0 - _EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
         return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)

@@ -113,6 +113,8 @@ class ShearGates(nn.Module):
         self.target_progress = 1.0
         self.eval_at = "target"
         self.masks: ForwardMasks | None = None
+        self._noise_seed: int | None = None
+        self._forward_in_step = 0
         self.penalty: torch.Tensor | None = None
         self.metrics: dict[str, torch.Tensor] = {}
 
@@ -121,8 +123,28 @@ class ShearGates(nn.Module):
     def gate_values(self) -> dict[str, torch.Tensor]:
         """Gate values for this forward: sampled in training, deterministic in eval."""
         if self.training:
-            return {name: gate.sample() for name, gate in self.gates.items()}
+            generator = self._noise_generator()
+            return {name: gate.sample(generator) for name, gate in self.gates.items()}
         return self.deterministic_values(self.eval_at)
+
+    def start_step(self, seed: int, step: int, rank: int) -> None:
+        """Seeds this step's gate noise from (seed, step, rank).
+
+        Noise that depends only on the training position makes a resumed run sample exactly
+        what the uninterrupted run sampled (Composer does not restore the global RNG on a
+        mid-epoch resume), whatever else consumed random numbers.
+        """
+        self._noise_seed = ((seed * 1_000_003 + step) * 8_191 + rank) % (2**62)
+        self._forward_in_step = 0
+
+    def _noise_generator(self) -> torch.Generator | None:
+        if self._noise_seed is None:
+            return None
+        generator = torch.Generator(device=self.gates_device())
+        # Several forwards per step with gradient accumulation: one stream each.
+        generator.manual_seed(self._noise_seed * 64 + self._forward_in_step)
+        self._forward_in_step += 1
+        return generator
 
     @torch.no_grad()
     def deterministic_values(self, eval_at: str = "target") -> dict[str, torch.Tensor]:

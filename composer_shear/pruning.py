@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
+from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -213,6 +214,7 @@ class TargetedPruning(Algorithm):
             raise RuntimeError("targeted_pruning: gates are missing (INIT did not run?).")
         if event == Event.BATCH_START:
             gates.target_progress = _warmup_progress(state, self.lagrangian_warmup)
+            gates.start_step(self.seed, int(state.timestamp.batch), dist.get_global_rank())
         elif event == Event.AFTER_LOSS:
             self._add_penalty(state, gates)
         elif event == Event.BATCH_END:

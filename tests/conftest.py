@@ -21,3 +21,11 @@ def tiny_tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     build_tiny_tokenizer(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a Hugging Face checkpoint (built once, then cached)."""
+    from composer_shear.real_model import materialize_smollm2
+
+    return materialize_smollm2()

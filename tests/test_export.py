@@ -1,0 +1,195 @@
+"""Export from real pruning checkpoints: CLI, callback, strictness, bad input, CPT."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from composer_shear.export import ExportError, export_checkpoint, load_composer_checkpoint
+from tests.pruning_helpers import (
+    REPO,
+    VENV_BIN,
+    gates_of,
+    make_tiny_run_inputs,
+    run_prune,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, tiny_tokenizer_dir):
+    """One tiny GQA pruning run (tied embeddings) with a checkpoint and a callback export."""
+    root = tmp_path_factory.mktemp("pruned_run")
+    model_dir, data_dir = make_tiny_run_inputs(root, tiny_tokenizer_dir, "llama_gqa", tied=True)
+    trainer = run_prune(
+        model_dir,
+        data_dir,
+        "max_duration=30ba",
+        f"save_folder={root / 'ckpt'}",
+        "save_interval=30ba",
+        "save_filename=ba{batch}.pt",
+        f"callbacks.pruned_hf_export.save_folder={root / 'callback_export'}",
+    )
+    hf_model = trainer.state.model.model.eval()
+    ids = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked_logits = hf_model(ids).logits
+    gates = gates_of(trainer)
+    trainer.close()
+    return dict(
+        root=root,
+        data_dir=data_dir,
+        ckpt=root / "ckpt" / "ba30.pt",
+        ids=ids,
+        masked_logits=masked_logits,
+        target=gates.target,
+        hf_model=hf_model,
+    )
+
+
+def load_hf(path):
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info
+    return model.eval()
+
+
+def test_cli_export_matches_masked_model(pruned_run, tmp_path):
+    out = tmp_path / "export"
+    proc = subprocess.run(
+        [str(VENV_BIN / "composer-shear"), "export", str(pruned_run["ckpt"]), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "source :" in proc.stdout and "pruned :" in proc.stdout
+    model = load_hf(out)
+    target = pruned_run["target"]
+    for key, value in target.config_updates().items():
+        assert getattr(model.config, key) == value
+    assert sum(p.numel() for p in model.parameters()) == target.num_params()
+    assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
+    with torch.no_grad():
+        logits = model(pruned_run["ids"]).logits
+    assert (logits - pruned_run["masked_logits"]).abs().max().item() < 1e-4
+    prompt = pruned_run["ids"][:1, :5]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(
+            model.generate(prompt, **kwargs), pruned_run["hf_model"].generate(prompt, **kwargs)
+        )
+
+
+def test_callback_export_equals_cli_export(pruned_run, tmp_path):
+    callback_model = load_hf(pruned_run["root"] / "callback_export")
+    summary = export_checkpoint(pruned_run["ckpt"], tmp_path / "cli")
+    cli_model = load_hf(summary.out_dir)
+    for (name, a), (_, b) in zip(
+        callback_model.state_dict().items(), cli_model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_folder_is_accepted(pruned_run, tmp_path):
+    summary = export_checkpoint(pruned_run["ckpt"].parent, tmp_path / "from_folder")
+    assert summary.target == pruned_run["target"]
+
+
+def _broken_checkpoint(pruned_run, tmp_path, mutate):
+    checkpoint = load_composer_checkpoint(pruned_run["ckpt"])
+    checkpoint.pop("_path")
+    mutate(checkpoint)
+    path = tmp_path / "broken.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _drop_algorithms(ckpt):
+    ckpt["state"]["algorithms"] = [
+        a for a in ckpt["state"]["algorithms"] if a[0] != "TargetedPruning"
+    ]
+
+
+def _drop_tokenizer(ckpt):
+    ckpt["state"]["integrations"]["huggingface"]["tokenizer"] = {}
+
+
+def _wrong_weights(ckpt):
+    model = ckpt["state"]["model"]
+    key = next(k for k in model if k.endswith("layers.0.mlp.up_proj.weight"))
+    model[key] = model[key][:, :-1]
+
+
+def _missing_weight(ckpt):
+    model = ckpt["state"]["model"]
+    del model[next(k for k in model if k.endswith("layers.1.self_attn.k_proj.weight"))]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_drop_algorithms, "no targeted_pruning state"),
+        (_drop_tokenizer, "carries no tokenizer"),
+        (_missing_weight, "does not match"),
+        (_wrong_weights, "size mismatch|does not match"),
+    ],
+)
+def test_bad_checkpoints_fail_cleanly(pruned_run, tmp_path, mutate, message):
+    path = _broken_checkpoint(pruned_run, tmp_path, mutate)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [str(VENV_BIN / "composer-shear"), "export", str(path), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "error:" in proc.stderr
+    import re
+
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_corrupted_file_and_missing_checkpoint(tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x80\x04not a checkpoint at all" * 10)
+    with pytest.raises(ExportError, match="Cannot read checkpoint"):
+        export_checkpoint(bad, tmp_path / "out")
+    with pytest.raises(ExportError, match="does not exist"):
+        export_checkpoint(tmp_path / "nope.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_directory_is_refused(pruned_run, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_checkpoint(pruned_run["ckpt"], out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    export_checkpoint(pruned_run["ckpt"], out, overwrite=True)
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_continued_pretraining_from_export_with_plain_llmfoundry(pruned_run, tmp_path):
+    from llmfoundry.command_utils import train_from_yaml
+
+    export = export_checkpoint(pruned_run["ckpt"], tmp_path / "for_cpt").out_dir
+    trainer = train_from_yaml(
+        str(REPO / "yamls" / "tests" / "cpt_tiny.yaml"),
+        [f"variables.model_dir={export}", f"variables.data_dir={pruned_run['data_dir']}"],
+    )
+    assert int(trainer.state.timestamp.batch) == 4
+    model = trainer.state.model.model
+    assert model.config.hidden_size == pruned_run["target"].hidden_size
+    assert torch.isfinite(trainer.state.loss).all()
+    shutil.rmtree(export)
