@@ -51,6 +51,9 @@ setup(
             "dynamic_batch_loading=composer_shear.callbacks.dynamic_batch_loading:DynamicBatchLoading",
             "pruned_hf_export=composer_shear.callbacks.pruned_hf_export:PrunedHFExport",
         ],
+        "llmfoundry_loggers": [
+            "jsonl_metrics=composer_shear.report:JSONLMetricsLogger",
+        ],
         "llmfoundry_dataloaders": [
             "multi_domain=composer_shear.data.builder:build_multi_domain_dataloader",
         ],

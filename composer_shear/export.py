@@ -321,7 +321,10 @@ def export_checkpoint(
     start = time.perf_counter()
     _check_out_dir(Path(out_dir), overwrite)
     checkpoint = load_composer_checkpoint(checkpoint_path)
-    tokenizer = _tokenizer(checkpoint, tokenizer_path)
+    # The tokenizer's files are materialised here (not in the working directory) and must
+    # outlive the export, which saves them next to the weights.
+    tokenizer_dir = tempfile.TemporaryDirectory(prefix="composer_shear_tokenizer_")
+    tokenizer = _tokenizer(checkpoint, tokenizer_path, tokenizer_dir.name)
     model = gated_model_from_checkpoint(checkpoint)
     del checkpoint
     if dtype == "auto":
@@ -331,12 +334,15 @@ def export_checkpoint(
         torch_dtype = torch_dtype or torch.float32
     else:
         torch_dtype = DTYPES[dtype]
-    summary = export_model(model, out_dir, tokenizer, overwrite, dtype=torch_dtype)
+    try:
+        summary = export_model(model, out_dir, tokenizer, overwrite, dtype=torch_dtype)
+    finally:
+        tokenizer_dir.cleanup()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _tokenizer(checkpoint: dict[str, Any], tokenizer_path: str | Path | None) -> Any:
+def _tokenizer(checkpoint: dict[str, Any], tokenizer_path: str | Path | None, save_dir: str) -> Any:
     from transformers import AutoTokenizer
 
     if tokenizer_path is not None:
@@ -349,7 +355,9 @@ def _tokenizer(checkpoint: dict[str, Any], tokenizer_path: str | Path | None) ->
     hf_state = _hf_state(checkpoint)
     tokenizer = None
     if hf_state.get("tokenizer"):
-        tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state)
+        tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(
+            hf_state, tokenizer_save_dir=save_dir
+        )
     if tokenizer is None:
         raise ExportError(
             f"{checkpoint['_path']} carries no tokenizer; pass --tokenizer PATH (the source "

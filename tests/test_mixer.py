@@ -1,0 +1,320 @@
+"""The live domain mixer: frequencies, weight changes, ranks, passes and exact resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from torch.utils.data import DataLoader
+
+from composer_shear.data.mixer import MultiDomainDataset, find_multi_domain_dataset
+from tests.mds_helpers import synthetic_domains, write_domain_shards
+
+DOMAINS = ["code", "books", "docs"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_tokenizer_dir):
+    out = tmp_path_factory.mktemp("mixer") / "mds"
+    return write_domain_shards(out, tiny_tokenizer_dir, synthetic_domains(tuple(DOMAINS)), 16)
+
+
+def make(shards, proportion=(0.5, 0.3, 0.2), **kwargs) -> MultiDomainDataset:
+    return MultiDomainDataset(DOMAINS, str(shards), proportion=proportion, max_seq_len=16, **kwargs)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def key(sample) -> tuple:
+    return (sample["domain_idx"], *sample["input_ids"].tolist())
+
+
+def num_samples(shards, domain) -> int:
+    return json.loads((shards / domain / "train" / "tokens_meta.json").read_text())["samples"]
+
+
+def assert_matches_weights(domains_drawn, weights):
+    observed = np.bincount(domains_drawn, minlength=len(weights))
+    expected = np.asarray(weights) * len(domains_drawn)
+    assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+
+
+def test_interface_and_sample_format(shards):
+    ds = make(shards)
+    assert ds.domains == DOMAINS
+    np.testing.assert_allclose(ds.weights, [0.5, 0.3, 0.2])
+    np.testing.assert_allclose(ds.initial_weights, [0.5, 0.3, 0.2])
+    sample = next(iter(ds))
+    assert sample["input_ids"].dtype == torch.long and sample["input_ids"].shape == (16,)
+    assert isinstance(sample["domain_idx"], int)
+    assert ds.domain_counts.sum() == 1 and ds.domain_counts[sample["domain_idx"]] == 1
+    with pytest.raises(TypeError):
+        len(ds)
+
+
+def test_frequencies_follow_weights_before_and_after_a_change(shards):
+    ds = make(shards)
+    it = iter(ds)
+    first = [s["domain_idx"] for s in take(it, 3000)]
+    assert_matches_weights(first, [0.5, 0.3, 0.2])
+    ds.set_weights([0.1, 0.1, 0.8])
+    np.testing.assert_allclose(ds.weights, [0.1, 0.1, 0.8])
+    second = [s["domain_idx"] for s in take(it, 3000)]
+    assert_matches_weights(second, [0.1, 0.1, 0.8])
+    assert ds.domain_counts.tolist() == np.bincount(first + second, minlength=3).tolist()
+    # A zero weight is never drawn.
+    ds.set_weights([0.0, 1.0, 0.0])
+    assert {s["domain_idx"] for s in take(it, 300)} == {1}
+
+
+def test_weight_change_takes_effect_at_the_next_draw(shards):
+    a, b = make(shards), make(shards)
+    ia, ib = iter(a), iter(b)
+    take(ia, 37), take(ib, 37)
+    a.set_weights([0.0, 0.0, 1.0])
+    sa = next(ia)
+    assert sa["domain_idx"] == 2
+    assert a.domain_counts.sum() == 38
+    # The draw at a position depends only on (seed, position) and the current weights.
+    b.set_weights([0.0, 0.0, 1.0])
+    assert key(next(ib)) == key(sa)
+
+
+def test_set_weights_validation(shards):
+    ds = make(shards)
+    for bad, msg in (
+        ([0.5, 0.5], "expected 3 weights"),
+        ([0.5, 0.6, -0.1], "non-negative"),
+        ([0.5, 0.3, 0.3], "sum to 1"),
+        ([float("nan"), 0.5, 0.5], "finite"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            ds.set_weights(bad)
+    np.testing.assert_allclose(ds.weights, [0.5, 0.3, 0.2])
+    ds.set_weights([0.2, 0.3, 0.5 + 5e-7])  # within 1e-6: renormalised exactly
+    assert ds.weights.sum() == pytest.approx(1.0, abs=1e-15)
+    with pytest.raises(ValueError, match="sum to 1"):
+        make(shards, proportion=(0.5, 0.5, 0.5))
+
+
+def test_same_seed_same_sequence_other_seed_other_sequence(shards):
+    seq = lambda ds: [key(s) for s in take(iter(ds), 200)]  # noqa: E731
+    assert seq(make(shards)) == seq(make(shards))
+    assert seq(make(shards)) != seq(make(shards, mix_seed=99))
+
+
+def test_no_repeat_within_a_pass_and_a_new_pass_on_exhaustion(shards, caplog):
+    n = num_samples(shards, "code")
+    ds = make(shards, proportion=(1.0, 0.0, 0.0))
+    it = iter(ds)
+    first = [key(s) for s in take(it, n)]
+    assert len(set(first)) == n  # every sample of the domain exactly once
+    assert ds.domain_epochs.tolist() == [0, 0, 0]
+    with caplog.at_level("INFO", logger="composer_shear.data.mixer"):
+        second = [key(s) for s in take(it, n)]
+    assert ds.domain_epochs.tolist() == [1, 0, 0]
+    assert "pass 0 finished" in caplog.text
+    assert set(second) == set(first) and second != first  # same samples, reshuffled
+    take(it, 1)
+    assert ds.domain_epochs.tolist() == [2, 0, 0]
+
+
+def test_small_domain_cycles_without_crashing(shards):
+    ds = make(shards, proportion=(0.1, 0.1, 0.8))
+    take(iter(ds), 3 * num_samples(shards, "docs"))
+    assert ds.domain_epochs[2] >= 2
+
+
+# ----------------------------------------------------------------------------- resumption
+
+
+def straight_run(shards, total, change_at, new_weights):
+    ds = make(shards)
+    it = iter(ds)
+    out = [key(s) for s in take(it, change_at)]
+    ds.set_weights(new_weights)
+    out += [key(s) for s in take(it, total - change_at)]
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 150, 420, 1000])
+def test_resume_from_state_dict_is_exact(shards, k):
+    total, change_at, new_w = 1300, 300, [0.1, 0.2, 0.7]
+    expected = straight_run(shards, total, change_at, new_w)
+
+    ds = make(shards)
+    it = iter(ds)
+    got = [key(s) for s in take(it, min(k, change_at))]
+    if k > change_at:
+        ds.set_weights(new_w)
+        got += [key(s) for s in take(it, k - change_at)]
+    state = json.loads(json.dumps(ds.state_dict(k, True)))  # must survive serialisation
+    assert state["position"] == k
+    del ds, it
+
+    fresh = make(shards)
+    fresh.load_state_dict(state)
+    assert fresh.position == k
+    it = iter(fresh)
+    if k <= change_at:
+        got += [key(s) for s in take(it, change_at - k)]
+        fresh.set_weights(new_w)
+        got += [key(s) for s in take(it, total - change_at)]
+    else:
+        got += [key(s) for s in take(it, total - k)]
+    assert got == expected
+    # The resumed run crossed pass boundaries of the smaller domains.
+    assert fresh.domain_epochs.max() >= 1
+    np.testing.assert_array_equal(
+        fresh.domain_counts, np.bincount([g[0] for g in expected], minlength=3)
+    )
+
+
+def test_resume_exactly_at_the_end_of_a_pass(shards):
+    n = num_samples(shards, "code")
+    straight = make(shards, proportion=(1.0, 0.0, 0.0))
+    expected = [key(s) for s in take(iter(straight), n + 50)]
+    ds = make(shards, proportion=(1.0, 0.0, 0.0))
+    take(iter(ds), n)  # the pass is used up, but its end has not been seen yet
+    fresh = make(shards, proportion=(1.0, 0.0, 0.0))
+    fresh.load_state_dict(ds.state_dict(n, True))
+    assert expected[n:] == [key(s) for s in take(iter(fresh), 50)]
+    assert fresh.domain_epochs.tolist() == [1, 0, 0]
+
+
+def test_state_dict_rewinds_to_composers_sample_count(shards):
+    """Samples drawn but not yet trained on (and a later weight change) are given back."""
+    total, change_at, new_w = 600, 380, [0.05, 0.05, 0.9]
+    expected = straight_run(shards, total, change_at, new_w)
+
+    ds = make(shards)
+    it = iter(ds)
+    take(it, change_at)
+    ds.set_weights(new_w)
+    take(it, 20)  # drawn up to 400
+    state = ds.state_dict(350, True)  # ... but only 350 were trained on
+    assert state["position"] == 350
+    np.testing.assert_allclose(state["weights"], [0.5, 0.3, 0.2])
+    assert [p for p, _ in state["pending_weights"]] == [change_at]
+
+    fresh = make(shards)
+    fresh.load_state_dict(state)
+    got = expected[:350] + [key(s) for s in take(iter(fresh), total - 350)]
+    assert got == expected
+    np.testing.assert_allclose(fresh.weights, new_w)
+
+
+def test_load_state_dict_into_a_used_object_and_mismatch_errors(shards):
+    a = make(shards)
+    ia = iter(a)
+    take(ia, 250)
+    state = a.state_dict(250, True)
+    expected = [key(s) for s in take(ia, 200)]
+    take(ia, 300)  # move on, into later passes
+    a.load_state_dict(state)  # rewind the same object
+    assert [key(s) for s in take(iter(a), 200)] == expected
+
+    other = MultiDomainDataset(["code", "docs"], str(shards), max_seq_len=16)
+    with pytest.raises(ValueError, match="domains"):
+        other.load_state_dict(state)
+
+
+def test_domain_readers_with_workers_give_the_same_stream(shards):
+    plain = [key(s) for s in take(iter(make(shards)), 400)]
+    workers = make(shards, num_workers=1, domain_batch_size=8)
+    assert [key(s) for s in take(iter(workers), 400)] == plain
+
+
+def test_eval_split_is_one_finite_pass(shards):
+    ds = MultiDomainDataset(
+        ["code", "docs"], str(shards), split="eval", max_seq_len=16, shuffle=False
+    )
+    samples = list(ds)
+    n_code = json.loads((shards / "code" / "eval" / "tokens_meta.json").read_text())["samples"]
+    n_docs = json.loads((shards / "docs" / "eval" / "tokens_meta.json").read_text())["samples"]
+    assert len(ds) == len(samples) == n_code + n_docs
+    assert [s["domain_idx"] for s in samples] == [0] * n_code + [1] * n_docs
+    assert len({key(s) for s in samples}) == len(samples)
+    assert [key(s) for s in ds] == [key(s) for s in samples]  # every pass is the same
+
+
+def test_find_multi_domain_dataset(shards):
+    from composer.core import DataSpec
+
+    ds = make(shards)
+    loader = DataLoader(ds, batch_size=2, collate_fn=lambda x: x)
+    assert find_multi_domain_dataset(ds) is ds
+    assert find_multi_domain_dataset(loader) is ds
+    assert find_multi_domain_dataset(DataSpec(loader)) is ds
+    assert find_multi_domain_dataset(DataLoader(list(range(4)))) is None
+    assert find_multi_domain_dataset(None) is None
+
+
+def test_workers_in_the_outer_loader_are_refused(shards):
+    loader = DataLoader(make(shards), batch_size=2, num_workers=1, collate_fn=lambda x: x)
+    with pytest.raises(RuntimeError, match="main process"):
+        next(iter(loader))
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+
+def _rank_main() -> None:
+    """Entry of one simulated rank (env vars RANK etc. set by the test)."""
+    shards, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ds = MultiDomainDataset(DOMAINS, shards, proportion=[0.5, 0.3, 0.2], max_seq_len=16)
+    it = iter(ds)
+    seq = [key(s) for s in take(it, n // 2)]
+    ds.set_weights([0.2, 0.2, 0.6])  # the callback sets identical weights on every rank
+    seq += [key(s) for s in take(it, n - n // 2)]
+    state = ds.state_dict(2 * n, True)
+    Path(out).write_text(json.dumps({"seq": seq, "state": state}))
+
+
+def test_two_ranks_draw_identical_domain_sequences(shards, tmp_path):
+    n = 400
+    # A private copy: Streaming's non-leader ranks find the leader's shared memory by local
+    # folder, and would otherwise find the datasets this test process holds on `shards`.
+    shards = Path(shutil.copytree(shards, tmp_path / "mds"))
+    with socket.socket() as sock:  # Streaming sets up a gloo group from these variables
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        env.update(LOCAL_WORLD_SIZE="2", NODE_RANK="0", PYTHONPATH=str(REPO))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        code = "import sys; from tests.test_mixer import _rank_main; _rank_main()"
+        args = [sys.executable, "-c", code, str(shards), str(tmp_path / f"r{rank}.json"), str(n)]
+        # Logs go to files: a full pipe would stall one rank and the other at a barrier.
+        log = open(tmp_path / f"r{rank}.log", "wb")  # noqa: SIM115
+        procs.append((subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=log), log))
+    for rank, (p, log) in enumerate(procs):
+        p.wait(timeout=240)
+        log.close()
+        assert p.returncode == 0, (tmp_path / f"r{rank}.log").read_text()[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
+    d0 = [s[0] for s in r0["seq"]]
+    assert d0 == [s[0] for s in r1["seq"]]
+    assert_matches_weights(d0[: n // 2], [0.5, 0.3, 0.2])
+    # Each rank reads its own part of every domain: no sample on both ranks within a pass.
+    first_pass = [s for s in r0["seq"][:100]], [s for s in r1["seq"][:100]]
+    assert not set(map(tuple, first_pass[0])) & set(map(tuple, first_pass[1]))
+    # Both ranks save the same state; per-domain offsets are global (world x per-rank).
+    assert r0["state"] == r1["state"]
+    assert r0["state"]["position"] == n
+    assert [s["sample_in_epoch"] for s in r0["state"]["streaming"]] == [
+        2 * c for c in r0["state"]["domain_consumed"]
+    ]

@@ -1,0 +1,513 @@
+"""Static checks of every GPU recipe under ``yamls/<model>/`` (``yamls/tests/`` excluded).
+
+No training and no model weights: each recipe is loaded and resolved with OmegaConf, passed
+through LLM Foundry's own config processing (``TrainConfig``, unknown top-level keys rejected),
+its components are built or their arguments bound to the registered classes, and its pruning
+target is resolved against the source model's real ``config.json`` (``tests/fixtures/configs``).
+The conventions the checks rely on are documented in ``yamls/README.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+from composer_shear.shape import ModelShape, ShapeError
+
+REPO = Path(__file__).resolve().parents[1]
+YAML_ROOT = REPO / "yamls"
+FIXTURES = REPO / "tests" / "fixtures" / "configs"
+EXCLUDED_FOLDERS = {"tests"}
+
+# Recipe folder -> source config fixture, for recipes without `variables.source_config`.
+FOLDER_FIXTURES = {
+    "llama2-7b": "Llama-2-7b-hf",
+    "llama3.1-8b": "Llama-3.1-8B",
+    "mistral-7b": "Mistral-7B-v0.1",
+    "qwen2-7b": "Qwen2-7B",
+    "smollm2": "SmolLM2-135M",
+}
+OUR_COMPONENTS = {"targeted_pruning", "dynamic_batch_loading", "pruned_hf_export", "multi_domain"}
+# `<role>: <anything> — N params, M non-embedding`, then a line of `key=value` dimensions.
+COUNT_LINE = re.compile(
+    r"^#\s*(?P<role>source|target)\b[^\n]*?(?P<total>\d[\d,]*) params, "
+    r"(?P<non_embedding>\d[\d,]*) non-embedding\s*\n#\s*(?P<dims>(?:\w+=\d+\s*)+)$",
+    re.MULTILINE,
+)
+DIM_KEYS = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "intermediate": "intermediate_size",
+}
+
+
+class RecipeError(AssertionError):
+    """A recipe that would fail (or silently misbehave) when launched."""
+
+
+@dataclass
+class Recipe:
+    """A loaded recipe: its path, header comment, raw config and resolved dict."""
+
+    path: Path
+    header: str
+    raw: DictConfig
+    cfg: dict[str, Any]
+    filled: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return self.cfg.get("variables") or {}
+
+    @property
+    def pruning(self) -> dict[str, Any] | None:
+        return (self.cfg.get("algorithms") or {}).get("targeted_pruning")
+
+    @property
+    def callbacks(self) -> dict[str, Any]:
+        return self.cfg.get("callbacks") or {}
+
+    @property
+    def eval_loaders(self) -> list[dict[str, Any]]:
+        loaders = self.cfg.get("eval_loader")
+        if loaders is None:
+            return []
+        return loaders if isinstance(loaders, list) else [loaders]
+
+
+def recipe_paths() -> list[Path]:
+    """Every recipe YAML in ``yamls/*/`` except the test folder."""
+    paths = [
+        p
+        for pattern in ("*/*.yaml", "*/*.yml")
+        for p in YAML_ROOT.glob(pattern)
+        if p.parent.name not in EXCLUDED_FOLDERS
+    ]
+    return sorted(paths)
+
+
+def _header(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#") and line.strip():
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _is_interpolation(raw: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(raw, parent) if parent else raw
+    return OmegaConf.is_interpolation(node, leaf)
+
+
+def _fill_missing(raw: DictConfig) -> list[str]:
+    """Fills ``???`` values so the recipe resolves; only ``variables.*`` may be missing.
+
+    A missing ``variables.target_loss`` gets one value per training domain, anything else a
+    placeholder string (paths).
+    """
+    # missing_keys also lists interpolations that point at a missing value: those are fine.
+    literal = [key for key in OmegaConf.missing_keys(raw) if not _is_interpolation(raw, key)]
+    outside = [key for key in literal if not key.startswith("variables.")]
+    if outside:
+        raise RecipeError(f"mandatory values (???) outside variables: {outside}")
+    missing = sorted(literal)
+    for key in missing:
+        if key.endswith("target_loss"):
+            domains = OmegaConf.select(raw, "train_loader.dataset.domains")
+            OmegaConf.update(raw, key, [2.0] * len(domains), merge=False)
+        else:
+            OmegaConf.update(raw, key, f"/placeholder/{key}", merge=False)
+    return missing
+
+
+def load_recipe(path: Path, text: str | None = None) -> Recipe:
+    """Loads, fills mandatory ``variables`` and resolves a recipe (``text`` overrides the file)."""
+    text = path.read_text(encoding="utf-8") if text is None else text
+    raw = OmegaConf.create(text)
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: not a mapping")
+    filled = _fill_missing(raw)
+    cfg = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True)
+    return Recipe(path=path, header=_header(text), raw=raw, cfg=cfg, filled=filled)
+
+
+def source_fixture(recipe: Recipe) -> str:
+    """The source model's fixture name: ``variables.source_config``, else from the folder."""
+    name = recipe.variables.get("source_config") or FOLDER_FIXTURES.get(recipe.path.parent.name)
+    if name is None:
+        raise RecipeError(
+            f"{recipe.name}: set variables.source_config (a tests/fixtures/configs/*.json name) "
+            f"or use one of the folders {sorted(FOLDER_FIXTURES)}"
+        )
+    if not (FIXTURES / f"{name}.json").is_file():
+        raise RecipeError(f"{recipe.name}: no fixture tests/fixtures/configs/{name}.json")
+    return name
+
+
+def source_shape(fixture: str) -> ModelShape:
+    """The :class:`ModelShape` of a fixture config, biases from the family adapter."""
+    from transformers import AutoConfig
+
+    from composer_shear.adapters import get_adapter
+
+    config = AutoConfig.for_model(**json.loads((FIXTURES / f"{fixture}.json").read_text()))
+    return ModelShape.from_config(config, get_adapter(config).bias_layout(config))
+
+
+def recipe_target(recipe: Recipe) -> dict[str, int] | None:
+    """The pruning target (or, for CPT, ``variables.pruned_shape``); None if neither."""
+    if recipe.pruning is not None:
+        return recipe.pruning["target_shape"]
+    return recipe.variables.get("pruned_shape")
+
+
+def _bind(target: Any, kwargs: dict[str, Any], what: str, **fixed: Any) -> None:
+    try:
+        inspect.signature(target).bind(**fixed, **kwargs)
+    except TypeError as error:
+        raise RecipeError(f"{what}: {error}") from error
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def check_train_config(recipe: Recipe) -> None:
+    """LLM Foundry's own processing accepts the config (top-level keys, batch sizes, loaders)."""
+    from llmfoundry.command_utils.train import validate_config
+    from llmfoundry.utils.config_utils import (
+        TRAIN_CONFIG_KEYS,
+        TrainConfig,
+        make_dataclass_and_log_config,
+    )
+
+    unknown = sorted(set(recipe.cfg) - TRAIN_CONFIG_KEYS)
+    if unknown:
+        raise RecipeError(f"{recipe.name}: top-level keys TrainConfig rejects: {unknown}")
+    try:
+        _, train_cfg = make_dataclass_and_log_config(
+            copy.deepcopy(recipe.raw), TrainConfig, TRAIN_CONFIG_KEYS, transforms="all"
+        )
+        validate_config(train_cfg)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"{recipe.name}: {error}") from error
+
+
+def check_components(recipe: Recipe) -> None:
+    """Our components build from their sections; every other name resolves and binds."""
+    from composer.utils.parallelism import FSDPConfig
+    from llmfoundry import registry
+
+    from composer_shear.callbacks.dynamic_batch_loading import DynamicBatchLoading
+    from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
+    from composer_shear.pruning import TargetedPruning
+
+    cfg = recipe.cfg
+    ours = {
+        "targeted_pruning": TargetedPruning,
+        "dynamic_batch_loading": DynamicBatchLoading,
+        "pruned_hf_export": PrunedHFExport,
+    }
+    for name, kwargs in (cfg.get("algorithms") or {}).items():
+        cls = registry.algorithms.get(name)
+        if name in ours:
+            assert cls is ours[name], f"registry maps {name} to {cls}"
+            cls(**(kwargs or {}))
+        else:
+            _bind(cls, kwargs or {}, f"{recipe.name}: algorithms.{name}")
+    for name, kwargs in recipe.callbacks.items():
+        if name in ours:
+            assert registry.callbacks.get(name) is ours[name]
+            ours[name](**(kwargs or {}))
+        elif name in registry.callbacks:
+            _bind(registry.callbacks.get(name), kwargs or {}, f"{recipe.name}: callbacks.{name}")
+        else:
+            cls = registry.callbacks_with_config.get(name)
+            _bind(cls, kwargs or {}, f"{recipe.name}: callbacks.{name}", config={})
+
+    model = dict(cfg["model"])
+    model_cls = registry.models.get(model.pop("name"))
+    _bind(model_cls, model, f"{recipe.name}: model", tokenizer=None)
+    optimizer = dict(cfg["optimizer"])
+    _bind(registry.optimizers.get(optimizer.pop("name")), optimizer, "optimizer", params=[])
+    scheduler = dict(cfg["scheduler"])
+    _bind(registry.schedulers.get(scheduler.pop("name")), scheduler, f"{recipe.name}: scheduler")
+
+    for loader in [cfg["train_loader"], *recipe.eval_loaders]:
+        kwargs = {k: v for k, v in loader.items() if k not in ("name", "label")}
+        builder = registry.dataloaders.get(loader["name"])
+        _bind(builder, kwargs, f"{recipe.name}: loader {loader.get('label', 'train')}",
+              tokenizer=None, device_batch_size=1)  # fmt: skip
+        if loader["name"] == "multi_domain":
+            from composer_shear.data import builder as md
+
+            allowed = md.DATASET_KEYS | getattr(md, "EXTRA_KEYS", set())
+            allowed |= getattr(md, "STREAMING_KEYS", set())
+            unknown = sorted(set(loader["dataset"]) - allowed)
+            if unknown:
+                raise RecipeError(f"{recipe.name}: unknown multi_domain dataset keys {unknown}")
+
+    fsdp = cfg.get("fsdp_config")
+    if fsdp is not None:
+        FSDPConfig(**fsdp)
+    mixed = cfg["model"].get("init_device") == "mixed"
+    if mixed and not (fsdp and fsdp.get("sync_module_states")):
+        raise RecipeError(f"{recipe.name}: init_device mixed needs sync_module_states")
+    if recipe.pruning is not None and fsdp is not None:
+        if fsdp.get("state_dict_type", "full") != "full":
+            raise RecipeError(f"{recipe.name}: pruning checkpoints must be full for export")
+        if not fsdp.get("use_orig_params", True):
+            raise RecipeError(f"{recipe.name}: targeted_pruning needs use_orig_params")
+
+
+def check_registry_names() -> None:
+    """LLM Foundry's registries resolve our four names (entry points installed)."""
+    from llmfoundry import registry
+
+    assert registry.algorithms.get("targeted_pruning").__name__ == "TargetedPruning"
+    assert registry.callbacks.get("dynamic_batch_loading").__name__ == "DynamicBatchLoading"
+    assert registry.callbacks.get("pruned_hf_export").__name__ == "PrunedHFExport"
+    assert callable(registry.dataloaders.get("multi_domain"))
+
+
+def check_target_shape(recipe: Recipe) -> None:
+    """The target resolves against the source config; the header's counts match."""
+    target = recipe_target(recipe)
+    if target is None:
+        return
+    source = source_shape(source_fixture(recipe))
+    try:
+        resolved = source.resolve_target(target)
+    except ShapeError as error:
+        raise RecipeError(f"{recipe.name}: {error}") from error
+    found = {m["role"]: m for m in COUNT_LINE.finditer(recipe.header)}
+    if "target" not in found:
+        raise RecipeError(
+            f"{recipe.name}: the header needs '# target: ... — N params, M non-embedding' and a "
+            "'# layers=.. hidden=.. heads=.. kv_heads=.. head_dim=.. intermediate=..' line"
+        )
+    for role, shape in (("source", source), ("target", resolved)):
+        match = found.get(role)
+        if match is None:
+            continue
+        total = int(match["total"].replace(",", ""))
+        non_embedding = int(match["non_embedding"].replace(",", ""))
+        expected = (shape.num_params(), shape.num_non_embedding_params())
+        if (total, non_embedding) != expected:
+            raise RecipeError(
+                f"{recipe.name}: header {role} says {total:,} / {non_embedding:,} params but "
+                f"ModelShape gives {expected[0]:,} / {expected[1]:,}"
+            )
+        dims = dict(pair.split("=") for pair in match["dims"].split())
+        for key, value in dims.items():
+            if key not in DIM_KEYS:
+                raise RecipeError(f"{recipe.name}: unknown dimension {key!r} in the header")
+            if getattr(shape, DIM_KEYS[key]) != int(value):
+                raise RecipeError(
+                    f"{recipe.name}: header {role} {key}={value} but the shape has "
+                    f"{getattr(shape, DIM_KEYS[key])}"
+                )
+
+
+def check_domains(recipe: Recipe) -> None:
+    """Domains, proportions, target losses and eval labels agree."""
+    train = recipe.cfg["train_loader"]
+    if train["name"] != "multi_domain":
+        if "dynamic_batch_loading" in recipe.callbacks:
+            raise RecipeError(f"{recipe.name}: dynamic_batch_loading needs multi_domain")
+        return
+    dataset = train["dataset"]
+    domains = list(dataset["domains"])
+    if len(set(domains)) != len(domains):
+        raise RecipeError(f"{recipe.name}: duplicate domains {domains}")
+    proportion = dataset.get("proportion")
+    if proportion is not None:
+        if len(proportion) != len(domains):
+            raise RecipeError(
+                f"{recipe.name}: {len(proportion)} proportions, {len(domains)} domains"
+            )
+        if abs(sum(proportion) - 1.0) > 1e-6 or min(proportion) < 0:
+            raise RecipeError(f"{recipe.name}: proportions {proportion} do not sum to 1")
+    dbl = recipe.callbacks.get("dynamic_batch_loading")
+    if dbl is None:
+        return
+    target_loss = dbl.get("target_loss")
+    if target_loss is not None and len(target_loss) != len(domains):
+        raise RecipeError(
+            f"{recipe.name}: {len(target_loss)} target losses, {len(domains)} domains"
+        )
+    if target_loss is not None and min(target_loss) <= 0:
+        raise RecipeError(f"{recipe.name}: target losses must be positive")
+    labels = [loader.get("label") for loader in recipe.eval_loaders]
+    if sorted(map(str, labels)) != sorted(domains):
+        raise RecipeError(f"{recipe.name}: eval labels {labels} != train domains {domains}")
+    for loader in recipe.eval_loaders:
+        ds = loader["dataset"]
+        if list(ds["domains"]) != [loader["label"]] or ds.get("split", "train") == "train":
+            raise RecipeError(
+                f"{recipe.name}: eval loader {loader['label']} must read only its own domain "
+                "from a held-out split"
+            )
+    if "eval_interval" not in recipe.cfg:
+        raise RecipeError(f"{recipe.name}: set eval_interval (it is the update interval)")
+
+
+def check_cpt_pairing(recipe: Recipe, siblings: list[Recipe]) -> None:
+    """A CPT recipe reads the export of a pruning recipe with the same shape and domains."""
+    if recipe.pruning is not None or "pruned_shape" not in recipe.variables:
+        return
+    shape = recipe.variables["pruned_shape"]
+    partners = [r for r in siblings if r.pruning and r.pruning["target_shape"] == shape]
+    if not partners:
+        raise RecipeError(f"{recipe.name}: no pruning recipe in its folder has {shape}")
+    exports = {r.callbacks.get("pruned_hf_export", {}).get("save_folder") for r in partners}
+    if recipe.cfg["model"]["pretrained_model_name_or_path"] not in exports:
+        raise RecipeError(f"{recipe.name}: model path is not the export of {exports}")
+    for partner in partners:
+        domains = partner.cfg["train_loader"]["dataset"]["domains"]
+        if domains != recipe.cfg["train_loader"]["dataset"]["domains"]:
+            raise RecipeError(f"{recipe.name}: domains differ from {partner.name}")
+
+
+CHECKS = (check_train_config, check_components, check_target_shape, check_domains)
+
+# ------------------------------------------------------------------------------------- tests
+
+RECIPES = recipe_paths()
+
+
+def test_recipes_exist():
+    folders = {p.parent.name for p in RECIPES}
+    assert {"llama2-7b", "llama3.1-8b", "mistral-7b", "qwen2-7b"} <= folders
+    pruning = [p for p in RECIPES if load_recipe(p).pruning is not None]
+    assert len(pruning) >= 5
+
+
+def test_registry_names():
+    check_registry_names()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_recipe(path, check):
+    check(load_recipe(path))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_cpt_reads_a_pruning_export(path):
+    siblings = [load_recipe(p) for p in RECIPES if p.parent == path.parent]
+    check_cpt_pairing(load_recipe(path), siblings)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in FIXTURES.glob("*.json")))
+def test_fixture_configs_build(name):
+    shape = source_shape(name)
+    assert shape.num_attention_heads % shape.num_key_value_heads == 0
+    # Published sizes of the source models.
+    expected = {
+        "Llama-2-7b-hf": 6_738_415_616,
+        "Llama-3.1-8B": 8_030_261_248,
+        "Mistral-7B-v0.1": 7_241_732_096,
+        "Qwen2-7B": 7_615_616_512,
+        "SmolLM2-135M": 134_515_008,
+    }
+    if name in expected:
+        assert shape.num_params() == expected[name]
+
+
+def test_missing_values_stop_a_launch():
+    """``???`` under variables fails at resolution, i.e. when `llmfoundry train` starts."""
+    path = YAML_ROOT / "llama3.1-8b" / "prune_3b.yaml"
+    raw = OmegaConf.create(path.read_text())
+    assert {"variables.data_local", "variables.target_loss"} <= OmegaConf.missing_keys(raw)
+    errors = (MissingMandatoryValue, InterpolationToMissingValueError)
+    with pytest.raises(errors, match=r"target_loss|data_local"):
+        OmegaConf.to_container(raw, resolve=True, throw_on_missing=True)
+
+
+# ----------------------------------------------------------- the checks can fail (mutations)
+
+BASE = YAML_ROOT / "llama2-7b" / "prune_2.7b.yaml"
+
+
+def _mutated(edit) -> Recipe:
+    recipe = load_recipe(BASE)
+    raw = copy.deepcopy(recipe.raw)
+    edit(raw)
+    return Recipe(
+        path=BASE,
+        header=recipe.header,
+        raw=raw,
+        cfg=OmegaConf.to_container(raw, resolve=True),
+        filled=[],
+    )
+
+
+def test_base_recipe_passes():
+    for check in CHECKS:
+        check(load_recipe(BASE))
+
+
+@pytest.mark.parametrize(
+    ("edit", "check", "message"),
+    [
+        (lambda r: r.algorithms.targeted_pruning.target_shape.__setitem__("hidden_size", 8192),
+         check_target_shape, "larger than the source"),
+        (lambda r: r.algorithms.targeted_pruning.target_shape.__setitem__(
+            "num_key_value_heads", 3), check_target_shape, "divisible"),
+        (lambda r: r.algorithms.targeted_pruning.target_shape.__setitem__(
+            "intermediate_size", 6400), check_target_shape, "ModelShape gives"),
+        (lambda r: r.variables.__setitem__("proportion", [0.7, 0.045, 0.045, 0.02, 0.045,
+                                                          0.025, 0.15]),
+         check_domains, "sum to 1"),
+        (lambda r: r.variables.__setitem__("target_loss", [1.9, 0.7]), check_domains,
+         "target losses"),
+        (lambda r: r.eval_loader.pop(), check_domains, "eval labels"),
+        (lambda r: r.__setitem__("pruning_steps", 3200), check_train_config, "pruning_steps"),
+        (lambda r: r.fsdp_config.__setitem__("state_dict_type", "sharded"), check_components,
+         "full for export"),
+        (lambda r: r.algorithms.targeted_pruning.__setitem__("gate_lr", 0.0), check_components,
+         "positive"),
+    ],
+    ids=["target-larger", "gqa-invalid", "stale-count", "proportion-sum", "target-loss-len",
+         "missing-eval-domain", "unknown-top-level-key", "sharded-pruning-ckpt", "bad-gate-lr"],
+)  # fmt: skip
+def test_broken_recipe_is_caught(edit, check, message):
+    recipe = _mutated(edit)
+    with pytest.raises((RecipeError, ValueError), match=message):
+        check(recipe)
+
+
+def test_header_without_counts_is_caught():
+    recipe = load_recipe(BASE)
+    recipe.header = "\n".join(
+        line for line in recipe.header.splitlines() if "non-embedding" not in line
+    )
+    with pytest.raises(RecipeError, match="header needs"):
+        check_target_shape(recipe)
+
+
+def test_cpt_pointing_elsewhere_is_caught():
+    cpt = load_recipe(YAML_ROOT / "llama2-7b" / "cpt_2.7b.yaml")
+    siblings = [load_recipe(p) for p in RECIPES if p.parent.name == "llama2-7b"]
+    check_cpt_pairing(cpt, siblings)
+    cpt.cfg["model"]["pretrained_model_name_or_path"] = "./runs/other/pruned_hf"
+    with pytest.raises(RecipeError, match="not the export"):
+        check_cpt_pairing(cpt, siblings)
