@@ -90,7 +90,6 @@ def main() -> None:
             if index >= args.warmup:
                 times[name].append(time.perf_counter() - start)
 
-    print({k: [round(t, 2) for t in v] for k, v in times.items()})
     plain_s, prune_s = (statistics.median(times[name]) for name in ("plain", "pruning"))
     tokens = args.batch * args.seq_len
     print(

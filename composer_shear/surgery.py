@@ -205,15 +205,18 @@ def _pruned_state_dict(
         state[f"{base}.{adapter.post_attention_norm}.weight"] = mods.post_attention_norm.weight[
             hidden
         ]
-    # Fresh storage: the compact model must not pin the source model's memory.
-    return {key: value.detach().clone().contiguous() for key, value in state.items()}
+    # Every entry is fresh storage already (index_select / fancy indexing / folding copy), so
+    # the compact model never pins the source model's memory and nothing is copied twice.
+    return {key: value.detach().contiguous() for key, value in state.items()}
 
 
 def _empty_model(config: PretrainedConfig) -> PreTrainedModel:
     """A model with parameters on ``meta`` (buffers such as rotary tables stay real)."""
     from accelerate import init_empty_weights
+    from transformers.modeling_utils import no_init_weights
 
-    with init_empty_weights(include_buffers=False):
+    # No random init either: every parameter is replaced by a sliced tensor right after.
+    with init_empty_weights(include_buffers=False), no_init_weights():
         return AutoModelForCausalLM.from_config(config)
 
 

@@ -15,6 +15,7 @@ YAML (``train_loader`` or each entry of an ``eval_loader`` list)::
         shuffle_seed: 17
       drop_last: true
       num_workers: 0                 # workers per *domain* reader; mixing stays in-process
+                                     # (0 with local shards: read in the training thread)
 
 Batches hold ``input_ids``, ``attention_mask``, ``labels`` (= ``input_ids``; Hugging Face
 models shift them) and ``domain_idx`` (Composer's ``HuggingFaceModel`` passes only the
