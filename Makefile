@@ -35,7 +35,7 @@ clean:
 # Re-resolve constraints.txt after changing setup.py's pins (needs `pip install uv`).
 constraints:
 	printf '%s\n' "llm-foundry==0.22.0" "torch==2.7.0" "transformers==4.51.3" \
-	  "mosaicml==0.32.1" "mosaicml-streaming==0.12.0" gguf pytest ruff matplotlib scipy \
+	  "mosaicml==0.32.1" "mosaicml-streaming==0.12.0" "setuptools<81" gguf pytest ruff matplotlib scipy \
 	  | uv pip compile --python-version 3.11 --no-header --no-annotate - -o constraints.new
 	{ sed -n '1,3p' constraints.txt; cat constraints.new; } > constraints.txt.tmp
 	rm constraints.new && mv constraints.txt.tmp constraints.txt
