@@ -114,6 +114,7 @@ class ShearGates(nn.Module):
         self.eval_at = "target"
         self.masks: ForwardMasks | None = None
         self._noise_seed: int | None = None
+        self._eval_cache: tuple | None = None
         self._forward_in_step = 0
         self.penalty: torch.Tensor | None = None
         self.metrics: dict[str, torch.Tensor] = {}
@@ -260,9 +261,19 @@ class ShearGates(nn.Module):
 
     def forward(self) -> ForwardMasks:
         """Computes this forward pass's masks (and, in training, the penalty)."""
-        self.masks = self.build_masks(self.gate_values())
         if self.training:
+            self.masks = self.build_masks(self.gate_values())
             self.penalty, self.metrics = self.lagrangian_penalty()
+            return self.masks
+        # Eval forwards (e.g. every token of generate()) reuse the masks until a gate changes:
+        # any in-place update (optimizer step, clamp, load) bumps the parameter's version.
+        key = (
+            self.eval_at,
+            *((g.log_alpha.data_ptr(), g.log_alpha._version) for g in self.gates.values()),
+        )
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            self._eval_cache = (key, self.build_masks(self.gate_values()))
+        self.masks = self._eval_cache[1]
         return self.masks
 
     @torch.no_grad()

@@ -219,7 +219,12 @@ class TargetedPruning(Algorithm):
             self._add_penalty(state, gates)
         elif event == Event.BATCH_END:
             gates.clamp_()
-            logger.log_metrics({key: float(value) for key, value in gates.metrics.items()})
+            if gates.metrics:
+                # One device-to-host copy for all values instead of one sync per metric.
+                names = list(gates.metrics)
+                device = gates.gates_device()
+                values = torch.stack([gates.metrics[n].float().to(device) for n in names])
+                logger.log_metrics(dict(zip(names, values.tolist(), strict=True)))
 
     @staticmethod
     def _add_penalty(state: State, gates: ShearGates) -> None:

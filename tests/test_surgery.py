@@ -126,3 +126,18 @@ def test_norm_statistics_over_kept_dims_only():
     with torch.no_grad():
         wrong = model(ids).logits
     assert (wrong - compact(ids).logits).abs().max() > 1e-3
+
+
+def test_eval_masks_are_cached_until_a_gate_changes():
+    model = tiny_model("llama_gqa")
+    gates = attach_gates(model, {"hidden_size": 48, "intermediate_size": 40})
+    ids = input_ids(model.config.vocab_size)
+    with torch.no_grad():
+        model(ids)
+        first = gates.masks
+        model(ids)
+        assert gates.masks is first  # generate() calls forward per token: no recomputation
+        gates.gates["hidden"].log_alpha.copy_(torch.randn(64))
+        model(ids)
+    assert gates.masks is not first
+    assert not torch.equal(first.hidden, gates.masks.hidden)
