@@ -152,11 +152,11 @@ def export_model(
     gates = find_gates(hf_model)
     if gates is None:
         raise ExportError("The model carries no pruning gates.")
-    compact = prune_model(hf_model, gates)
+    plan = plan_pruning(gates)
+    compact = prune_model(hf_model, gates, plan)
     if dtype is not None:
         compact = compact.to(dtype)
         compact.config.torch_dtype = dtype
-    plan = plan_pruning(gates)
     written = write_hf_directory(
         compact, out_dir, tokenizer, overwrite, info=_export_info(plan, gates.source)
     )

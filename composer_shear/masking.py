@@ -143,7 +143,7 @@ class ShearGates(nn.Module):
             return None
         generator = torch.Generator(device=self.gates_device())
         # Several forwards per step with gradient accumulation: one stream each.
-        generator.manual_seed(self._noise_seed * 64 + self._forward_in_step)
+        generator.manual_seed((self._noise_seed * 64 + self._forward_in_step) % (2**63))
         self._forward_in_step += 1
         return generator
 

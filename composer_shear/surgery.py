@@ -221,13 +221,16 @@ def _empty_model(config: PretrainedConfig) -> PreTrainedModel:
 
 
 @torch.no_grad()
-def prune_model(model: PreTrainedModel, gates: ShearGates | None = None) -> PreTrainedModel:
+def prune_model(
+    model: PreTrainedModel, gates: ShearGates | None = None, plan: PruningPlan | None = None
+) -> PreTrainedModel:
     """Returns the compact model that the masked ``model`` equals in eval mode.
 
     Args:
         model: A Hugging Face causal LM with gates attached
             (:func:`composer_shear.masking.attach_gates`), not wrapped by FSDP (gather first).
         gates: The gates; found inside ``model`` when omitted.
+        plan: A precomputed :func:`plan_pruning` of ``gates`` (computed when omitted).
 
     Returns:
         A new ``transformers`` model of the target shape, in eval mode, same dtype.
@@ -236,7 +239,7 @@ def prune_model(model: PreTrainedModel, gates: ShearGates | None = None) -> PreT
     if gates is None:
         raise ValueError("The model carries no pruning gates; nothing to export.")
     adapter = get_adapter(model)
-    plan = plan_pruning(gates)
+    plan = plan if plan is not None else plan_pruning(gates)
     config = pruned_config(model.config, plan, adapter)
     state = _pruned_state_dict(model, plan, adapter)
     compact = _empty_model(config)

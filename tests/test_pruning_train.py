@@ -93,7 +93,8 @@ class GateRecorder(Callback):
 callbacks.register("gate_recorder", func=GateRecorder)
 from tests.pruning_helpers import run_prune
 model_dir, data_dir, out = sys.argv[1:4]
-run_prune(model_dir, data_dir, "max_duration=6ba", f"callbacks.gate_recorder.out={out}")
+run_prune(model_dir, data_dir, "max_duration=6ba", f"callbacks.gate_recorder.out={out}",
+          f"callbacks.pruned_hf_export.save_folder={out}_export")
 """
 
 
@@ -112,4 +113,9 @@ def test_two_ranks_hold_identical_gates(tiny_tokenizer_dir, tmp_path):
         assert a == b, f"ranks disagree after step {step + 1}"
     # Gates changed during the run, so agreement is not trivial.
     assert runs[0]["rows"][0] != runs[0]["rows"][-1]
+    # Rank 0 exported the pruned model while rank 1 waited for it.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "gates_export")
+    assert exported.config.num_hidden_layers == 2 and exported.config.hidden_size == 48
     assert REPO.exists()

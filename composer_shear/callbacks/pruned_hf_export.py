@@ -91,19 +91,30 @@ class PrunedHFExport(Callback):
         self._export(state, logger, self._folder(state))
 
     def _export(self, state: State, logger: Logger, folder: Path) -> None:
+        error: Exception | None = None
         with _full_params(state.model):
             if dist.get_global_rank() == 0:
-                hf_model = find_gated_hf_model(state.model)
-                tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
-                summary = export_model(
-                    hf_model, folder, tokenizer, overwrite=self.overwrite, dtype=self.dtype
-                )
-                self.exported.append(summary.out_dir)
-                log.info("pruned_hf_export:\n%s", summary.describe())
-                logger.log_metrics(
-                    {"pruned_hf_export/num_params": float(summary.target.num_params())}
-                )
-        dist.barrier()
+                try:
+                    self._export_rank0(state, logger, folder)
+                except Exception as exc:  # re-raised below, after the other ranks know
+                    error = exc
+        # Every rank learns whether rank 0 succeeded, so none waits forever on a failed export.
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if error is not None:
+            raise error
+        if status[0] is not None:
+            raise RuntimeError(f"pruned_hf_export failed on rank 0: {status[0]}")
+
+    def _export_rank0(self, state: State, logger: Logger, folder: Path) -> None:
+        hf_model = find_gated_hf_model(state.model)
+        tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
+        summary = export_model(
+            hf_model, folder, tokenizer, overwrite=self.overwrite, dtype=self.dtype
+        )
+        self.exported.append(summary.out_dir)
+        log.info("pruned_hf_export:\n%s", summary.describe())
+        logger.log_metrics({"pruned_hf_export/num_params": float(summary.target.num_params())})
 
 
 def _composer_model(model):
