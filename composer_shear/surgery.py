@@ -11,6 +11,8 @@ result computes what the masked model computes in eval mode.
 from __future__ import annotations
 
 import copy
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +140,17 @@ def _fold(weight: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
     return scaled.to(weight.dtype)
 
 
+def _slice(
+    weight: torch.Tensor,
+    rows: torch.Tensor | None,
+    cols: torch.Tensor,
+    col_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``weight[rows][:, cols]``, columns then scaled by ``col_scale`` (folded gate values)."""
+    out = _cols(weight if rows is None else _rows(weight, rows), cols)
+    return out if col_scale is None else _fold(out, col_scale, dim=1)
+
+
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row indices of a q/k/v projection for the given heads."""
     return (heads.unsqueeze(-1) * head_dim + torch.arange(head_dim)).flatten()
@@ -152,15 +165,18 @@ def _pruned_state_dict(
     head_dim = plan.target.head_dim
     prefix = adapter.decoder
     state: dict[str, torch.Tensor] = {}
+    # The big matrices are gathered on a thread pool (torch releases the GIL): column gathers
+    # are memory-bound and dominate export time.
+    matrices: dict[str, functools.partial] = {}
 
-    embed = _cols(adapter.embedding(model).weight, hidden)
-    state[f"{prefix}.{adapter.embed}.weight"] = embed
+    embed_key = f"{prefix}.{adapter.embed}.weight"
+    matrices[embed_key] = functools.partial(_slice, adapter.embedding(model).weight, None, hidden)
     state[f"{prefix}.{adapter.final_norm}.weight"] = adapter.final_norm_module(model).weight[hidden]
     lm_head = adapter.lm_head_module(model)
-    if plan.target.tie_word_embeddings:
-        state[f"{adapter.lm_head}.weight"] = embed
-    else:
-        state[f"{adapter.lm_head}.weight"] = _cols(lm_head.weight, hidden)
+    if not plan.target.tie_word_embeddings:
+        matrices[f"{adapter.lm_head}.weight"] = functools.partial(
+            _slice, lm_head.weight, None, hidden
+        )
     if getattr(lm_head, "bias", None) is not None:
         state[f"{adapter.lm_head}.bias"] = lm_head.bias.clone()
 
@@ -182,20 +198,26 @@ def _pruned_state_dict(
             ("k_proj", mods.k_proj, kv_rows),
             ("v_proj", mods.v_proj, kv_rows),
         ):
-            state[f"{attn}.{name}.weight"] = _cols(_rows(module.weight, rows), hidden)
+            matrices[f"{attn}.{name}.weight"] = functools.partial(
+                _slice, module.weight, rows, hidden
+            )
             if module.bias is not None:
                 state[f"{attn}.{name}.bias"] = _rows(module.bias, rows)
-        o_weight = _cols(_rows(mods.o_proj.weight, hidden), q_rows)
-        state[f"{attn}.o_proj.weight"] = _fold(o_weight, head_scale, dim=1)
+        matrices[f"{attn}.o_proj.weight"] = functools.partial(
+            _slice, mods.o_proj.weight, hidden, q_rows, head_scale
+        )
         if mods.o_proj.bias is not None:
             state[f"{attn}.o_proj.bias"] = _fold(mods.o_proj.bias[hidden], layer_scale[None], 0)
 
         for name, module in (("gate_proj", mods.gate_proj), ("up_proj", mods.up_proj)):
-            state[f"{mlp}.{name}.weight"] = _cols(_rows(module.weight, inter), hidden)
+            matrices[f"{mlp}.{name}.weight"] = functools.partial(
+                _slice, module.weight, inter, hidden
+            )
             if module.bias is not None:
                 state[f"{mlp}.{name}.bias"] = _rows(module.bias, inter)
-        down = _cols(_rows(mods.down_proj.weight, hidden), inter)
-        state[f"{mlp}.down_proj.weight"] = _fold(down, inter_scale, dim=1)
+        matrices[f"{mlp}.down_proj.weight"] = functools.partial(
+            _slice, mods.down_proj.weight, hidden, inter, inter_scale
+        )
         if mods.down_proj.bias is not None:
             state[f"{mlp}.down_proj.bias"] = _fold(
                 mods.down_proj.bias[hidden], layer_scale[None], 0
@@ -205,6 +227,11 @@ def _pruned_state_dict(
         state[f"{base}.{adapter.post_attention_norm}.weight"] = mods.post_attention_norm.weight[
             hidden
         ]
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        gathered = pool.map(lambda job: job(), matrices.values())
+        state.update(zip(matrices, gathered, strict=True))
+    if plan.target.tie_word_embeddings:
+        state[f"{adapter.lm_head}.weight"] = state[embed_key]
     # Every entry is fresh storage already (index_select / fancy indexing / folding copy), so
     # the compact model never pins the source model's memory and nothing is copied twice.
     return {key: value.detach().contiguous() for key, value in state.items()}
