@@ -141,3 +141,26 @@ def test_eval_masks_are_cached_until_a_gate_changes():
         model(ids)
     assert gates.masks is not first
     assert not torch.equal(first.hidden, gates.masks.hidden)
+
+
+def test_masked_equals_pruned_with_o_proj_and_mlp_biases(tmp_path):
+    """Llama's attention_bias / mlp_bias put biases on o_proj and down_proj, where layer gates
+    are folded in."""
+    model = tiny_model("llama_gqa", attention_bias=True, mlp_bias=True)
+    target = {
+        **COMMON["layers"],
+        **COMMON["intermediate"],
+        **COMMON["hidden"],
+        "num_attention_heads": 4,
+    }
+    gates = attach_gates(model, target)
+    randomize_gates(gates, seed=5)
+    model.eval()
+    ids = input_ids(model.config.vocab_size, seed=5)
+    compact = prune_model(model)
+    compact.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert loaded.model.layers[0].self_attn.o_proj.bias is not None
+    with torch.no_grad():
+        assert (model(ids).logits - loaded.eval()(ids).logits).abs().max().item() < 1e-4
