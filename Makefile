@@ -20,7 +20,8 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/composer-shear demo --run-dir $(RUN_DIR)
+	# A rerun replaces the previous demo run folder.
+	$(BIN)/composer-shear demo --run-dir $(RUN_DIR) --overwrite $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
