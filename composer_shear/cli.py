@@ -12,7 +12,7 @@ from composer_shear import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    from composer_shear import demo, export, real_model, reference_loss, report
+    from composer_shear import demo, export, oneshot, real_model, reference_loss, report
     from composer_shear.data import prep
 
     parser = argparse.ArgumentParser(
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.register_cli(subparsers)
     reference_loss.register_cli(subparsers)
     export.register_cli(subparsers)
+    oneshot.register_cli(subparsers)
     report.register_cli(subparsers)
     demo.register_cli(subparsers)
     return parser

@@ -289,12 +289,8 @@ def gated_model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     _strict_load(model, weights, "model weights")
     if config.tie_word_embeddings:
         model.tie_weights()
-    gates = attach_gates(
-        model,
-        pruning["target_shape"],
-        init_log_alpha=pruning.get("init_log_alpha", 5.0),
-        seed=pruning.get("seed", 0),
-    )
+    # The initial values do not matter: every gate tensor is overwritten by the strict load.
+    gates = attach_gates(model, pruning["target_shape"], seed=pruning.get("seed", 0))
     _strict_load(gates, gate_state, "gate state")
     return model.eval()
 

@@ -25,6 +25,9 @@ __all__ = [
     "LOG_ALPHA_MIN",
     "TEMPERATURE",
     "HardConcreteGate",
+    "check_init_log_alpha",
+    "descending_ranks",
+    "top_k_mask",
 ]
 
 # Stretch interval and temperature of the hard-concrete distribution (Louizos et al.).
@@ -33,8 +36,47 @@ TEMPERATURE = 2.0 / 3.0
 # log-alpha is clamped after every optimizer step, as in the Sheared-LLaMA recipe.
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)
 _EPS = 1e-6
+# Quadrature points of E[z] (see HardConcreteGate.expected_value).
+_QUADRATURE = 512
 # log(-l/r): shifts log-alpha so that sigmoid(.) is the probability of a non-zero gate.
 _LOG_RATIO = math.log(-LIMIT_LEFT / LIMIT_RIGHT)
+
+
+def check_init_log_alpha(value: float, init_std: float = 0.0) -> None:
+    """Rejects an initial log-alpha outside the clamp range (its noise would be erased).
+
+    Raises:
+        ValueError: ``value`` is outside ``[log 1e-2, log 1e2]``.
+    """
+    if not LOG_ALPHA_MIN <= float(value) <= LOG_ALPHA_MAX:
+        raise ValueError(
+            f"init_log_alpha={value} is outside the clamp range [{LOG_ALPHA_MIN:.3f}, "
+            f"{LOG_ALPHA_MAX:.3f}]: it would be clamped to a constant, erasing the "
+            "symmetry-breaking noise, and ties would decide the first masks. Use e.g. 4.0."
+        )
+
+
+def descending_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry within its row (last axis): 0 for the largest.
+
+    A stable sort, so ties resolve to the lowest index everywhere (and on every rank).
+    """
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(values.shape[-1], device=order.device).expand_as(order)
+    ranks.scatter_(-1, order, positions.contiguous())
+    return ranks
+
+
+def top_k_mask(values: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``keep`` largest entries of every row (last axis).
+
+    Args:
+        values: Scores, shape ``(..., n)``.
+        keep: Entries to keep per row: an int, or one count per row (shape ``(...)``).
+    """
+    keep = torch.as_tensor(keep, device=values.device)
+    return descending_ranks(values) < keep.unsqueeze(-1)
 
 
 class HardConcreteGate(nn.Module):
@@ -43,7 +85,9 @@ class HardConcreteGate(nn.Module):
     Args:
         shape: Gate tensor shape ``(..., n)``; the last axis holds the prunable units.
         keep: Units to keep along the last axis (the target), the same in every row.
-        init_log_alpha: Initial log-alpha (high: all units start kept).
+        init_log_alpha: Initial log-alpha (high: all units start kept). It must lie inside the
+            clamp range [log 1e-2, log 1e2] with room for the noise: a value above the range
+            would be clamped flat, erase the noise, and let ties (index order) decide.
         init_std: Std of the symmetry-breaking noise added to ``init_log_alpha``.
         seed: Seed of that noise; identical on every rank so that ranks agree.
         device: Where to allocate (``meta`` for FSDP's deferred init).
@@ -53,7 +97,7 @@ class HardConcreteGate(nn.Module):
         self,
         shape: tuple[int, ...],
         keep: int,
-        init_log_alpha: float = 5.0,
+        init_log_alpha: float = 4.0,
         init_std: float = 0.01,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -61,6 +105,7 @@ class HardConcreteGate(nn.Module):
         super().__init__()
         if not 0 < keep <= shape[-1]:
             raise ValueError(f"keep={keep} must be in [1, {shape[-1]}]")
+        check_init_log_alpha(init_log_alpha)
         self.shape = tuple(shape)
         self.keep = int(keep)
         self.init_log_alpha = float(init_log_alpha)
@@ -114,47 +159,93 @@ class HardConcreteGate(nn.Module):
         return torch.sigmoid(self.log_alpha.float() - TEMPERATURE * _LOG_RATIO)
 
     def expected_sparsity(self) -> torch.Tensor:
-        """Expected fraction of pruned units."""
+        """Expected fraction of pruned units over the whole dimension (for logging)."""
         return 1.0 - self.prob_nonzero().mean()
+
+    def row_sparsity(self) -> torch.Tensor:
+        """Expected fraction of pruned units of every row, shape ``shape[:-1]``."""
+        return 1.0 - self.prob_nonzero().mean(-1)
 
     def expected_keep(self) -> torch.Tensor:
         """Expected kept units per row, shape ``shape[:-1]``."""
         return self.prob_nonzero().sum(-1)
 
     def lagrangian(self, target_sparsity: float) -> torch.Tensor:
-        """``lambda_1 (s - t) + lambda_2 (s - t)^2`` for the current expected sparsity ``s``."""
-        gap = self.expected_sparsity() - target_sparsity
-        return self.lambda_1 * gap + self.lambda_2 * gap * gap
+        """Mean over rows of ``lambda_1 (s_r - t) + lambda_2 (s_r - t)^2``.
+
+        ``s_r`` is the expected sparsity of row ``r`` (a layer, or a kv group of a layer).
+        Export keeps exactly the target count in *every* row, so every row must approach it:
+        a constraint on the mean over rows would let the LM loss leave one layer with most of
+        its units on and another with almost none, and export would then cut trained units of
+        the first and keep near-dead units of the second. The quadratic term of each row is
+        what holds it to its own budget (the linear term of the mean equals that of the mean
+        gap). The released Sheared-LLaMA code computes it the same way, per row, then averages.
+        """
+        gap = self.row_sparsity() - target_sparsity
+        return (self.lambda_1 * gap + self.lambda_2 * gap * gap).mean()
 
     @torch.no_grad()
-    def deterministic(self, keep: int | None = None) -> torch.Tensor:
-        """Evaluation gates: exactly ``keep`` non-zero units in every row.
+    def expected_value(self) -> torch.Tensor:
+        """``E[z]`` per unit: the mean of the hard-concrete gate, > 0 for any finite log-alpha.
 
-        The kept units take the Louizos test-time value ``clamp(sigmoid(a) (r - l) + l, 0, 1)``
-        (1 for confidently kept units); surgery folds these values into the weights.
-
-        Args:
-            keep: Units to keep per row; defaults to the target.
+        Computed by midpoint quadrature over the uniform noise ``u`` (the gate is a monotone
+        function of ``u``), deterministic and exact to about 1e-4.
         """
         log_alpha = self.log_alpha.detach().float()
-        value = (torch.sigmoid(log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
+        u = torch.arange(_QUADRATURE, device=log_alpha.device, dtype=torch.float32) + 0.5
+        u = u / _QUADRATURE
+        logit_u = torch.log(u) - torch.log1p(-u)
+        s = torch.sigmoid((logit_u + log_alpha.unsqueeze(-1)) / TEMPERATURE)
+        z = (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+        return z.mean(-1)
+
+    @torch.no_grad()
+    def deterministic(self, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Evaluation gates: exactly ``keep`` non-zero units in every row.
+
+        A kept unit takes ``max(median, mean)`` of its gate distribution: the Louizos
+        test-time value ``clamp(sigmoid(a) (r - l) + l, 0, 1)`` (which is 1 for confidently
+        kept units, so nothing is rescaled), or the gate's mean ``E[z]`` where that is larger.
+        The median alone is exactly 0 for log-alpha below about -2.4, so a unit that the
+        target forces us to keep would be folded into the weights as an all-zero (dead) unit
+        that still counts as parameters; the mean is what the training forward saw on
+        average, and it is strictly positive.
+
+        Args:
+            keep: Units to keep per row (an int, or one count per row); default the target.
+        """
+        log_alpha = self.log_alpha.detach().float()
+        median = (torch.sigmoid(log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
+        value = torch.maximum(median, self.expected_value())
         return value * self.deterministic_keep_mask(keep)
 
     @torch.no_grad()
-    def deterministic_keep_mask(self, keep: int | None = None) -> torch.Tensor:
-        """Boolean mask of the top-``keep`` units of every row (by log-alpha)."""
-        keep = self.keep if keep is None else int(keep)
-        # Stable sort: ties (e.g. right after init) resolve to the lowest index everywhere.
-        order = torch.sort(self.log_alpha.detach().float(), dim=-1, descending=True, stable=True)
-        mask = torch.zeros(self.shape, dtype=torch.bool, device=self.log_alpha.device)
-        mask.scatter_(-1, order.indices[..., :keep], True)
-        return mask
+    def deterministic_keep_mask(self, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean mask of the top-``keep`` units of every row (by log-alpha).
 
-    def expected_keep_count(self) -> int:
-        """Units per row kept at the *current* expected sparsity (``eval_at: expected``)."""
-        with torch.no_grad():
-            kept = (1.0 - self.expected_sparsity().item()) * self.num_units
-        return min(self.num_units, max(1, round(kept)))
+        Args:
+            keep: Units to keep per row: an int (the same in every row), a tensor of shape
+                ``shape[:-1]`` (one count per row), or None for the target.
+        """
+        keep = self.keep if keep is None else keep
+        return top_k_mask(self.log_alpha.detach().float(), keep)
+
+    @torch.no_grad()
+    def expected_keep_counts(self) -> torch.Tensor:
+        """Units per row kept at the *current* expected shape (``eval_at: expected``).
+
+        One count per row (round of the row's expected kept units, at least 1), so a layer
+        that the gates are emptying is evaluated with what it actually keeps.
+        """
+        counts = torch.round(self.expected_keep()).long()
+        return counts.clamp(1, self.num_units)
+
+    @torch.no_grad()
+    def set_log_alpha(self, values: torch.Tensor) -> None:
+        """Overwrites log-alpha (clamped into range), e.g. from importance scores."""
+        if tuple(values.shape) != self.shape:
+            raise ValueError(f"log-alpha of shape {tuple(values.shape)}, expected {self.shape}")
+        self.log_alpha.copy_(values.to(self.log_alpha).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -24,6 +24,8 @@ With the deterministic masks the masked model computes exactly what the sliced m
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from composer_shear.adapters import DecoderAdapter, get_adapter
-from composer_shear.gates import HardConcreteGate
+from composer_shear.gates import HardConcreteGate, descending_ranks
 from composer_shear.shape import ModelShape, count_params
 
 __all__ = [
@@ -41,8 +43,11 @@ __all__ = [
     "ShearGates",
     "attach_gates",
     "find_gates",
+    "gate_specs",
 ]
 
+# Half width of the log-alpha bands that importance initialisation spreads units over.
+INIT_BAND_HALF_WIDTH = 0.5
 # Prunable dimensions, in the order they are reported.
 DIMENSIONS = ("layers", "kv_heads", "heads", "intermediate", "hidden")
 EVAL_MODES = ("target", "expected")
@@ -68,6 +73,24 @@ class ForwardMasks:
     branch: torch.Tensor | None = None
 
 
+def gate_specs(source: ModelShape, target: ModelShape) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The gates a target needs: ``name -> (gate shape, units kept per row)``.
+
+    A dimension gets gates only when the target shrinks it. Under GQA, ``kv_heads`` prunes
+    whole kv groups and ``heads`` prunes query heads inside every group (the same number per
+    group); a target may need either or both.
+    """
+    n_layers, n_kv = source.num_hidden_layers, source.num_key_value_heads
+    specs = {
+        "layers": ((n_layers,), target.num_hidden_layers),
+        "kv_heads": ((n_layers, n_kv), target.num_key_value_heads),
+        "heads": ((n_layers, n_kv, source.heads_per_group), target.heads_per_group),
+        "intermediate": ((n_layers, source.intermediate_size), target.intermediate_size),
+        "hidden": ((source.hidden_size,), target.hidden_size),
+    }
+    return {name: spec for name, spec in specs.items() if spec[1] < spec[0][-1]}
+
+
 class ShearGates(nn.Module):
     """All gates of a model pruned from ``source`` toward ``target``.
 
@@ -87,32 +110,26 @@ class ShearGates(nn.Module):
         self,
         source: ModelShape,
         target: ModelShape,
-        init_log_alpha: float = 5.0,
+        init_log_alpha: float = 4.0,
         seed: int = 0,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.source, self.target = source, target
-        n_layers, n_kv = source.num_hidden_layers, source.num_key_value_heads
-        specs = {
-            "layers": ((n_layers,), target.num_hidden_layers),
-            "kv_heads": ((n_layers, n_kv), target.num_key_value_heads),
-            "heads": ((n_layers, n_kv, source.heads_per_group), target.heads_per_group),
-            "intermediate": ((n_layers, source.intermediate_size), target.intermediate_size),
-            "hidden": ((source.hidden_size,), target.hidden_size),
-        }
         self.gates = nn.ModuleDict()
-        for index, name in enumerate(DIMENSIONS):
-            shape, keep = specs[name]
-            if keep < shape[-1]:
-                self.gates[name] = HardConcreteGate(
-                    shape, keep, init_log_alpha, seed=seed + index, device=device
-                )
-        # Fraction of each dimension's final target sparsity the penalty currently asks for
-        # (the Lagrangian warm-up); set by the algorithm before every batch.
+        for name, (shape, keep) in gate_specs(source, target).items():
+            self.gates[name] = HardConcreteGate(
+                shape, keep, init_log_alpha, seed=seed + DIMENSIONS.index(name), device=device
+            )
+        # Progress of the Lagrangian warm-up in [0, 1]: the penalty's target sparsity of each
+        # dimension moves from its start value to the final target; set before every batch.
         self.target_progress = 1.0
+        # Sparsity each dimension's ramp starts from (0 for gates that start all kept; the
+        # initial expected sparsity for gates initialised from importance).
+        self.start_sparsity: dict[str, float] = {name: 0.0 for name in self.gates}
         self.eval_at = "target"
         self.masks: ForwardMasks | None = None
+        self.bypass = False  # True: every hook is a no-op (the unpruned model runs)
         self._noise_seed: int | None = None
         self._eval_cache: tuple | None = None
         self._forward_in_step = 0
@@ -152,7 +169,9 @@ class ShearGates(nn.Module):
         """Deterministic gates keeping exactly the target (or expected) count per row."""
         values = {}
         for name, gate in self.gates.items():
-            keep = gate.expected_keep_count() if eval_at == "expected" else None
+            # At the expected shape every row keeps what it currently expects to keep (rows
+            # may differ); at the target every row keeps exactly the target count.
+            keep = gate.expected_keep_counts() if eval_at == "expected" else None
             if name == "hidden":
                 # Binary: the residual stream feeds RMSNorms and, with tied embeddings, the
                 # embedding matrix doubles as lm_head, so no scale can be folded in here.
@@ -234,16 +253,24 @@ class ShearGates(nn.Module):
             mlp_bias=src.mlp_bias,
         )
 
+    def ramped_target(self, name: str) -> float:
+        """The sparsity the penalty asks of dimension ``name`` at the current warm-up point."""
+        start, final = self.start_sparsity.get(name, 0.0), self.gates[name].target_sparsity
+        return start + self.target_progress * (final - start)
+
     def lagrangian_penalty(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of the per-dimension Lagrangian terms, and the values worth logging."""
         penalty = torch.zeros((), device=self.gates_device())
         metrics: dict[str, torch.Tensor] = {}
         for name, gate in self.gates.items():
-            target = self.target_progress * gate.target_sparsity
+            target = self.ramped_target(name)
             expected = gate.expected_sparsity()
             term = gate.lagrangian(target)
             penalty = penalty + term
             metrics[f"pruning/{name}/expected_sparsity"] = expected.detach()
+            # The row furthest from its own budget (0 for one-row dimensions: layers, hidden).
+            row_gap = (gate.row_sparsity().detach() - target).abs().max()
+            metrics[f"pruning/{name}/max_row_deviation"] = row_gap
             metrics[f"pruning/{name}/target_sparsity"] = torch.tensor(target)
             metrics[f"pruning/{name}/lambda_1"] = gate.lambda_1.detach()
             metrics[f"pruning/{name}/lambda_2"] = gate.lambda_2.detach()
@@ -261,6 +288,9 @@ class ShearGates(nn.Module):
 
     def forward(self) -> ForwardMasks:
         """Computes this forward pass's masks (and, in training, the penalty)."""
+        if self.bypass:
+            self.masks = None
+            return ForwardMasks()
         if self.training:
             self.masks = self.build_masks(self.gate_values())
             self.penalty, self.metrics = self.lagrangian_penalty()
@@ -275,6 +305,60 @@ class ShearGates(nn.Module):
             self._eval_cache = (key, self.build_masks(self.gate_values()))
         self.masks = self._eval_cache[1]
         return self.masks
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Runs the model unpruned inside the block (e.g. to measure importance)."""
+        previous, self.bypass = self.bypass, True
+        try:
+            yield
+        finally:
+            self.bypass = previous
+
+    @torch.no_grad()
+    def init_from_scores(
+        self,
+        scores: dict[str, torch.Tensor],
+        kept_log_alpha: float,
+        pruned_log_alpha: float,
+    ) -> None:
+        """Sets every gate from unit scores, so its target top-k is the scores' top-k.
+
+        In every row the ``keep`` best-scored units get log-alphas spread by rank over
+        ``kept_log_alpha +- 0.5`` and the others over ``pruned_log_alpha +- 0.5`` (best
+        first, no ties), then clamped. The deterministic masks at the target therefore keep
+        exactly the units one-shot pruning keeps, and the gates' order within each band
+        still follows the scores.
+
+        Args:
+            scores: Per dimension, scores shaped like the gate (:func:`unit_scores`).
+            kept_log_alpha: Centre of the kept units' band.
+            pruned_log_alpha: Centre of the pruned units' band; at most
+                ``kept_log_alpha - 1`` so that the bands do not overlap.
+        """
+        if pruned_log_alpha > kept_log_alpha - 2 * INIT_BAND_HALF_WIDTH:
+            raise ValueError(
+                f"pruned log-alpha {pruned_log_alpha} must be at least "
+                f"{2 * INIT_BAND_HALF_WIDTH} below the kept log-alpha {kept_log_alpha}."
+            )
+        for name, gate in self.gates.items():
+            score = scores[name].to(gate.log_alpha.device, torch.float32)
+            if tuple(score.shape) != gate.shape:
+                raise ValueError(f"{name}: scores of shape {tuple(score.shape)}, gate {gate.shape}")
+            n, keep = gate.num_units, gate.keep
+            rank = descending_ranks(score).float()
+            kept = rank < keep
+            # Position in [0, 1] inside the unit's band: 0 = best of the band.
+            pos_kept = rank / max(keep - 1, 1)
+            pos_pruned = (rank - keep) / max(n - keep - 1, 1)
+            width = 2 * INIT_BAND_HALF_WIDTH
+            value = torch.where(
+                kept,
+                kept_log_alpha + INIT_BAND_HALF_WIDTH - width * pos_kept,
+                pruned_log_alpha + INIT_BAND_HALF_WIDTH - width * pos_pruned,
+            )
+            gate.set_log_alpha(value)
+        self._eval_cache = None
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -372,7 +456,7 @@ def install_hooks(model: nn.Module, gates: ShearGates, adapter: DecoderAdapter) 
 def attach_gates(
     model: nn.Module,
     target_shape: dict,
-    init_log_alpha: float = 5.0,
+    init_log_alpha: float = 4.0,
     seed: int = 0,
     eval_at: str = "target",
 ) -> ShearGates:
@@ -386,8 +470,10 @@ def attach_gates(
         target_shape: Partial target, see :meth:`ModelShape.resolve_target`.
         init_log_alpha: Initial log-alpha of every gate.
         seed: Seed of the initial noise (identical on every rank).
-        eval_at: ``"target"`` (deterministic masks at the target shape) or ``"expected"``
-            (at the current expected shape, the paper's ``eval_target_model: false``).
+        eval_at: ``"target"`` (deterministic masks at exactly the target shape: the masked
+            model in eval mode equals the exported one) or ``"expected"`` (at the current
+            expected shape, per row: what is being trained; the released recipes'
+            ``eval_target_model: false``, and the algorithm's default during pruning).
 
     Returns:
         The attached :class:`ShearGates`.

@@ -8,8 +8,10 @@ here, at ``AFTER_LOSS``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +21,29 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_shear.masking import EVAL_MODES, ShearGates, attach_gates, find_gates
+from composer_shear.gates import check_init_log_alpha
+from composer_shear.importance import Importance, collect_importance, unit_scores
+from composer_shear.masking import (
+    EVAL_MODES,
+    INIT_BAND_HALF_WIDTH,
+    ShearGates,
+    attach_gates,
+    find_gates,
+)
 from composer_shear.shape import TARGET_KEYS, ShapeError
 
-__all__ = ["TargetedPruning", "add_gate_param_groups", "apply_targeted_pruning", "hf_model_of"]
+__all__ = [
+    "INIT_MODES",
+    "TargetedPruning",
+    "add_gate_param_groups",
+    "apply_targeted_pruning",
+    "hf_model_of",
+    "init_gates_from_importance",
+]
 
 log = logging.getLogger(__name__)
+
+INIT_MODES = ("uniform", "activation")
 
 
 def hf_model_of(model: nn.Module) -> nn.Module:
@@ -65,8 +84,8 @@ def apply_targeted_pruning(
     optimizers: Optimizer | list[Optimizer] | None = None,
     gate_lr: float = 1.0,
     lambda_lr: float = 1.0,
-    init_log_alpha: float = 5.0,
-    eval_at: str = "target",
+    init_log_alpha: float = 4.0,
+    eval_at: str = "expected",
     seed: int = 0,
 ) -> ShearGates:
     """Injects hard-concrete gates for ``target_shape`` into ``model`` (in place).
@@ -78,7 +97,8 @@ def apply_targeted_pruning(
         gate_lr: Learning rate of the gates' log-alpha.
         lambda_lr: Learning rate of the Lagrange multipliers (gradient ascent).
         init_log_alpha: Initial log-alpha (high = every unit starts kept).
-        eval_at: Deterministic evaluation at the ``target`` or at the ``expected`` shape.
+        eval_at: Deterministic evaluation at the ``expected`` shape (what is being trained)
+            or at the ``target`` shape (what export writes).
         seed: Seed of the gates' initial noise; identical on every rank.
 
     Returns:
@@ -98,6 +118,27 @@ def apply_targeted_pruning(
         ", ".join(f"{name}{tuple(g.shape)} keep {g.keep}" for name, g in gates.gates.items()),
     )
     return gates
+
+
+def init_gates_from_importance(
+    gates: ShearGates,
+    importance: Importance,
+    kept_log_alpha: float = 4.0,
+    pruned_log_alpha: float = -4.0,
+) -> None:
+    """Sets the gates so that their target top-k is the one-shot importance choice.
+
+    Every unit that one-shot pruning (:mod:`composer_shear.oneshot`) keeps gets a log-alpha
+    near ``kept_log_alpha``, every other near ``pruned_log_alpha``, ordered by importance
+    inside each band. The Lagrangian warm-up then starts from the sparsity this implies
+    (:attr:`ShearGates.start_sparsity`), not from 0, so the penalty does not pull pruned
+    units back in.
+    """
+    gates.init_from_scores(unit_scores(importance, gates.source), kept_log_alpha, pruned_log_alpha)
+    gates.start_sparsity = {
+        name: min(gate.expected_sparsity().item(), gate.target_sparsity)
+        for name, gate in gates.gates.items()
+    }
 
 
 def _warmup_progress(state: State, warmup: Time) -> float:
@@ -130,11 +171,13 @@ class TargetedPruning(Algorithm):
     """Sheared-LLaMA targeted structured pruning of a Hugging Face model.
 
     At ``INIT`` it injects hard-concrete gates (for every dimension the target shrinks) into
-    the unmodified model and adds their optimizer groups; at ``BATCH_START`` it ramps each
-    dimension's target sparsity linearly from 0 over ``lagrangian_warmup``; at ``AFTER_LOSS``
-    it adds the Lagrangian penalty (computed in the forward pass) to the loss; at
-    ``BATCH_END`` it clamps log-alpha and logs expected vs. target sparsity, multipliers,
-    expected parameter count and penalty. Evaluation runs the deterministic masks.
+    the unmodified model and adds their optimizer groups; at ``FIT_START`` of a new run it
+    optionally initialises the gates from activation importance (``init: activation``); at
+    ``BATCH_START`` it ramps each dimension's target sparsity linearly over
+    ``lagrangian_warmup``; at ``AFTER_LOSS`` it adds the Lagrangian penalty (computed in the
+    forward pass) to the loss; at ``BATCH_END`` it clamps log-alpha and logs expected vs.
+    target sparsity, multipliers, expected parameter count and penalty. Evaluation runs the
+    deterministic masks (``eval_at``).
 
     YAML (LLM Foundry)::
 
@@ -152,14 +195,29 @@ class TargetedPruning(Algorithm):
 
     Args:
         target_shape: Target sizes (keys of :data:`composer_shear.shape.TARGET_KEYS`).
-        lagrangian_warmup: Time over which the target sparsity ramps from 0 (``ba``, ``tok``,
-            ``ep`` or ``dur``), e.g. ``"0.2dur"`` (the paper's 20% of pruning steps).
+        lagrangian_warmup: Time over which the target sparsity ramps to the target (``ba``,
+            ``tok``, ``ep`` or ``dur``), e.g. ``"0.2dur"`` (the paper's 20% of pruning steps).
         gate_lr: Learning rate of the gates' log-alpha.
         lambda_lr: Learning rate of the Lagrange multipliers (ascent).
-        init_log_alpha: Initial log-alpha; high means all units start kept.
-        eval_at: ``"target"`` evaluates at exactly the target shape; ``"expected"`` at the
-            current expected shape.
+        init_log_alpha: Initial log-alpha of every unit (``init: uniform``) or of the kept
+            units (``init: activation``); high means kept. Inside [log 1e-2, log 1e2].
+        eval_at: ``"expected"`` (default) evaluates the current expected shape, per row: the
+            model being trained, as the released Sheared-LLaMA recipes do
+            (``eval_target_model: false``); dynamic batch loading then reads losses of that
+            model. ``"target"`` evaluates exactly the target shape that export writes.
         seed: Seed of the gates' initial noise (identical on every rank).
+        init: ``"uniform"``: every unit starts kept (log-alpha ``init_log_alpha`` plus tiny
+            noise), the paper's start. ``"activation"``: before the first step, activation
+            importance (:mod:`composer_shear.importance`) is measured on calibration batches and
+            the gates are set so that their target top-k is the one-shot choice
+            (:mod:`composer_shear.oneshot`); the warm-up then starts from the sparsity this
+            implies.
+        init_pruned_log_alpha: ``init: activation``: log-alpha of the units one-shot would
+            prune (default -4.0: mostly off from the start; a value near ``init_log_alpha``
+            instead starts them on and lets the warm-up remove them gradually).
+        init_data: ``init: activation``: a ``DATA/<domain>/train`` MDS folder for
+            calibration; default: the ``multi_domain`` train loader's folder and domains.
+        init_tokens: ``init: activation``: calibration tokens (split over ranks).
     """
 
     def __init__(
@@ -168,9 +226,13 @@ class TargetedPruning(Algorithm):
         lagrangian_warmup: str | int = "0.2dur",
         gate_lr: float = 1.0,
         lambda_lr: float = 1.0,
-        init_log_alpha: float = 5.0,
-        eval_at: str = "target",
+        init_log_alpha: float = 4.0,
+        eval_at: str = "expected",
         seed: int = 0,
+        init: str = "uniform",
+        init_pruned_log_alpha: float = -4.0,
+        init_data: str | None = None,
+        init_tokens: int = 65536,
     ):
         self.target_shape = _validate_target(target_shape)
         if isinstance(lagrangian_warmup, int):
@@ -180,10 +242,28 @@ class TargetedPruning(Algorithm):
             raise ValueError("gate_lr and lambda_lr must be positive.")
         if eval_at not in EVAL_MODES:
             raise ValueError(f"eval_at must be one of {EVAL_MODES}, got {eval_at!r}.")
+        if init not in INIT_MODES:
+            raise ValueError(f"targeted_pruning.init must be one of {INIT_MODES}, got {init!r}.")
+        check_init_log_alpha(init_log_alpha)
+        if init == "activation":
+            check_init_log_alpha(init_pruned_log_alpha)
+            if init_pruned_log_alpha > init_log_alpha - 2 * INIT_BAND_HALF_WIDTH:
+                raise ValueError(
+                    f"targeted_pruning.init_pruned_log_alpha={init_pruned_log_alpha} must be at "
+                    f"least {2 * INIT_BAND_HALF_WIDTH} below init_log_alpha={init_log_alpha}."
+                )
+            if int(init_tokens) <= 0:
+                raise ValueError(f"targeted_pruning.init_tokens must be positive: {init_tokens}")
         self.gate_lr, self.lambda_lr = float(gate_lr), float(lambda_lr)
         self.init_log_alpha = float(init_log_alpha)
         self.eval_at, self.seed = eval_at, int(seed)
+        self.init = init
+        self.init_pruned_log_alpha = float(init_pruned_log_alpha)
+        self.init_data = init_data
+        self.init_tokens = int(init_tokens)
         self.gates: ShearGates | None = None
+        # Set once the gates' starting point is final (FIT_START of a new run, or a load).
+        self._initialized = False
 
     @staticmethod
     def required_on_load() -> bool:
@@ -192,8 +272,14 @@ class TargetedPruning(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        """Runs at INIT, BATCH_START, AFTER_LOSS and BATCH_END."""
-        return event in (Event.INIT, Event.BATCH_START, Event.AFTER_LOSS, Event.BATCH_END)
+        """Runs at INIT, FIT_START, BATCH_START, AFTER_LOSS and BATCH_END."""
+        return event in (
+            Event.INIT,
+            Event.FIT_START,
+            Event.BATCH_START,
+            Event.AFTER_LOSS,
+            Event.BATCH_END,
+        )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         """See the class docstring for what happens at each event."""
@@ -212,7 +298,11 @@ class TargetedPruning(Algorithm):
         gates = self.gates if self.gates is not None else find_gates(state.model)
         if gates is None:
             raise RuntimeError("targeted_pruning: gates are missing (INIT did not run?).")
-        if event == Event.BATCH_START:
+        if event == Event.FIT_START:
+            if not self._initialized and self.init == "activation":
+                self._init_from_importance(state, gates)
+            self._initialized = True
+        elif event == Event.BATCH_START:
             gates.target_progress = _warmup_progress(state, self.lagrangian_warmup)
             gates.start_step(self.seed, int(state.timestamp.batch), dist.get_global_rank())
         elif event == Event.AFTER_LOSS:
@@ -225,6 +315,67 @@ class TargetedPruning(Algorithm):
                 device = gates.gates_device()
                 values = torch.stack([gates.metrics[n].float().to(device) for n in names])
                 logger.log_metrics(dict(zip(names, values.tolist(), strict=True)))
+
+    def _init_from_importance(self, state: State, gates: ShearGates) -> None:
+        """``init: activation``: measure importance on calibration batches, set the gates."""
+        from composer_shear.data.mixer import find_multi_domain_dataset
+        from composer_shear.oneshot import calibration_batches
+
+        data_dir, domains, seq_len = self.init_data, None, None
+        mixer = find_multi_domain_dataset(state.dataloader)
+        if mixer is not None:
+            seq_len = mixer.max_seq_len
+            if data_dir is None:
+                # Each domain reads LOCAL/<domain>/<split>; calibration reads LOCAL's shards
+                # directly (no Streaming state is touched, so training data order is unchanged).
+                data_dir = str(Path(mixer.datasets[0].local).parent.parent)
+                domains = mixer.domains
+        if data_dir is None:
+            raise ValueError(
+                "targeted_pruning: init: activation needs calibration data: set "
+                "algorithms.targeted_pruning.init_data to a DATA/<domain>/train MDS folder, or "
+                "use the multi_domain train loader."
+            )
+        if seq_len is None:  # e.g. LLM Foundry's `text` loader: StreamingTextDataset
+            seq_len = getattr(getattr(state.dataloader, "dataset", None), "max_seq_len", None)
+        if seq_len is None:
+            raise ValueError(
+                "targeted_pruning: init: activation cannot tell the train sequence length; "
+                "use a train loader whose dataset has max_seq_len (multi_domain, text)."
+            )
+        batch_size = int(state.device_train_microbatch_size or 1)
+        batches = calibration_batches(
+            data_dir, self.init_tokens, seq_len, batch_size, domains=domains, seed=self.seed
+        )
+        # Each rank measures its share; sums are all-reduced. Every rank must run the same
+        # number of forwards (FSDP gathers inside each), so the list is padded cyclically.
+        world, rank = dist.get_world_size(), dist.get_global_rank()
+        per_rank = -(-len(batches) // world)
+        mine = [batches[(rank + world * i) % len(batches)] for i in range(per_rank)]
+        log.info(
+            "targeted_pruning: init from activation importance on %d x %d tokens per rank",
+            len(mine),
+            batch_size * seq_len,
+        )
+        hf_model = hf_model_of(_unwrap(state.model))
+        was_training = state.model.training
+        state.model.eval()
+
+        def forward(ids: torch.Tensor) -> Any:
+            batch = state.device.batch_to_device(
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            )
+            return state.model(batch)
+
+        try:
+            with gates.bypassed():
+                importance = collect_importance(state.model, mine, forward, hf_model=hf_model)
+        finally:
+            state.model.train(was_training)
+        with _writable(state.model, gates):
+            init_gates_from_importance(
+                gates, importance, self.init_log_alpha, self.init_pruned_log_alpha
+            )
 
     @staticmethod
     def _add_penalty(state: State, gates: ShearGates) -> None:
@@ -242,22 +393,56 @@ class TargetedPruning(Algorithm):
             raise TypeError(f"targeted_pruning cannot add a penalty to a {type(loss)} loss.")
 
     def state_dict(self) -> dict[str, Any]:
-        """What export needs to rebuild the gates from a checkpoint."""
-        state = {
+        """What export needs to rebuild the gates, and where the warm-up ramp starts."""
+        state: dict[str, Any] = {
             "target_shape": dict(self.target_shape),
             "init_log_alpha": self.init_log_alpha,
             "eval_at": self.eval_at,
             "seed": self.seed,
+            "init": self.init,
+            "initialized": self._initialized,
         }
         if self.gates is not None:
             state["resolved_target"] = self.gates.target.config_updates()
+            state["start_sparsity"] = dict(self.gates.start_sparsity)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Refuses to resume a checkpoint pruned toward another target."""
+        """Restores the ramp start; refuses a checkpoint pruned toward another target."""
         saved = state.get("target_shape")
         if saved is not None and dict(saved) != self.target_shape:
             raise ShapeError(
                 f"The checkpoint was pruned toward {saved}, but this run's target_shape is "
                 f"{self.target_shape}; resume with the same target."
             )
+        # Gates come from the checkpoint: never re-initialise them from importance.
+        self._initialized = bool(state.get("initialized", True))
+        if self.gates is not None and "start_sparsity" in state:
+            self.gates.start_sparsity = {k: float(v) for k, v in state["start_sparsity"].items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Composer model inside DDP (``.module``); FSDP keeps the Composer model outside."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def _writable(model: nn.Module, gates: ShearGates) -> Iterator[None]:
+    """Makes the gate parameters writable in place (gathers them under FSDP, writes back).
+
+    Only the FSDP unit that directly holds the gates is gathered (``recurse=False``), not
+    the whole model.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    owner = None
+    for module in model.modules():
+        if isinstance(module, FSDP) and any(m is gates for m in module.modules()):
+            owner = module  # the innermost FSDP unit around the gates comes last
+    if owner is None:
+        yield
+        return
+    with FSDP.summon_full_params(owner, recurse=False, writeback=True):
+        yield

@@ -23,7 +23,7 @@ from composer_shear.adapters import DecoderAdapter, get_adapter
 from composer_shear.masking import GATES_ATTR, ShearGates, find_gates
 from composer_shear.shape import ModelShape
 
-__all__ = ["PruningPlan", "plan_pruning", "prune_model", "pruned_config"]
+__all__ = ["PruningPlan", "plan_from_masks", "plan_pruning", "prune_model", "pruned_config"]
 
 
 @dataclass
@@ -60,43 +60,69 @@ def _kept_indices(keep_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plan_pruning(gates: ShearGates) -> PruningPlan:
-    """Turns the deterministic gates at the target into index lists and scales."""
-    src, target = gates.source, gates.target
-    values = {name: value.float().cpu() for name, value in gates.deterministic_values().items()}
-    keep = {name: mask.cpu() for name, mask in gates.keep_masks().items()}
-    n_layers, n_kv, n_rep = src.num_hidden_layers, src.num_key_value_heads, src.heads_per_group
+def plan_from_masks(
+    source: ModelShape,
+    target: ModelShape,
+    keep: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor] | None = None,
+) -> PruningPlan:
+    """Index lists and scales from per-dimension keep masks: how *any* unit choice is sliced.
 
-    if "layers" in values:
+    Learned gates (:func:`plan_pruning`) and one-shot importance
+    (:mod:`composer_shear.oneshot`) both end here, so there is one slicing code path.
+
+    Args:
+        source: Shape of the model being sliced.
+        target: The shape the masks keep (every row keeps the same count).
+        keep: Boolean keep masks shaped like the gates of :class:`ShearGates`: ``layers``
+            ``(L,)``, ``kv_heads`` ``(L, n_kv)``, ``heads`` ``(L, n_kv, n_rep)``,
+            ``intermediate`` ``(L, I)``, ``hidden`` ``(D,)``; a missing dimension is kept
+            whole.
+        values: Gate values to fold into the weights, same shapes (zero where not kept);
+            None or a missing dimension folds nothing (scale 1).
+    """
+    values = {name: value.float().cpu() for name, value in (values or {}).items()}
+    keep = {name: mask.bool().cpu() for name, mask in keep.items()}
+    for name, mask in keep.items():
+        if name not in values:
+            values[name] = mask.float()
+    n_layers, n_kv, n_rep = (
+        source.num_hidden_layers,
+        source.num_key_value_heads,
+        source.heads_per_group,
+    )
+
+    if "layers" in keep:
         kept_layers = torch.nonzero(keep["layers"]).flatten().tolist()
         layer_scale = values["layers"][kept_layers]
     else:
         kept_layers, layer_scale = list(range(n_layers)), torch.ones(n_layers)
 
     head_keep = torch.ones((n_layers, n_kv, n_rep), dtype=torch.bool)
+    head_values = torch.ones((n_layers, n_kv, n_rep))
     if "kv_heads" in keep:
         head_keep &= keep["kv_heads"].unsqueeze(-1)
+        head_values = head_values * values["kv_heads"].unsqueeze(-1)
     if "heads" in keep:
         head_keep &= keep["heads"]
-    head_values = gates.head_values(values)
-    if head_values is None:
-        head_values = torch.ones((n_layers, n_kv * n_rep))
-    head_keep = head_keep.reshape(n_layers, -1)
+        head_values = head_values * values["heads"]
+    # Query head i belongs to kv group i // n_rep: group-major flattening.
+    head_keep, head_values = head_keep.reshape(n_layers, -1), head_values.reshape(n_layers, -1)
     kept_heads = _kept_indices(head_keep)
     head_scale = torch.gather(head_values, 1, kept_heads)
     kv_keep = keep.get("kv_heads", torch.ones((n_layers, n_kv), dtype=torch.bool))
     kept_kv = _kept_indices(kv_keep)
 
-    if "intermediate" in values:
+    if "intermediate" in keep:
         kept_inter = _kept_indices(keep["intermediate"])
         inter_scale = torch.gather(values["intermediate"], 1, kept_inter)
     else:
-        kept_inter = torch.arange(src.intermediate_size).expand(n_layers, -1)
+        kept_inter = torch.arange(source.intermediate_size).expand(n_layers, -1)
         inter_scale = torch.ones(kept_inter.shape)
     if "hidden" in keep:
         kept_hidden = torch.nonzero(keep["hidden"]).flatten()
     else:
-        kept_hidden = torch.arange(src.hidden_size)
+        kept_hidden = torch.arange(source.hidden_size)
 
     rows = torch.tensor(kept_layers, dtype=torch.long)
     return PruningPlan(
@@ -110,6 +136,13 @@ def plan_pruning(gates: ShearGates) -> PruningPlan:
         kept_hidden=kept_hidden,
         target=target,
     )
+
+
+@torch.no_grad()
+def plan_pruning(gates: ShearGates) -> PruningPlan:
+    """The plan of the deterministic gates at the target (kept units and their values)."""
+    values = gates.deterministic_values("target")
+    return plan_from_masks(gates.source, gates.target, gates.keep_masks(), values)
 
 
 def pruned_config(
@@ -254,19 +287,21 @@ def prune_model(
     """Returns the compact model that the masked ``model`` equals in eval mode.
 
     Args:
-        model: A Hugging Face causal LM with gates attached
-            (:func:`composer_shear.masking.attach_gates`), not wrapped by FSDP (gather first).
+        model: A Hugging Face causal LM, not wrapped by FSDP (gather first); it carries gates
+            (:func:`composer_shear.masking.attach_gates`) unless ``plan`` is given.
         gates: The gates; found inside ``model`` when omitted.
-        plan: A precomputed :func:`plan_pruning` of ``gates`` (computed when omitted).
+        plan: What to keep (:func:`plan_pruning` of the gates, or :func:`plan_from_masks` of
+            any unit choice); computed from the gates when omitted.
 
     Returns:
         A new ``transformers`` model of the target shape, in eval mode, same dtype.
     """
-    gates = gates if gates is not None else find_gates(model)
-    if gates is None:
-        raise ValueError("The model carries no pruning gates; nothing to export.")
+    if plan is None:
+        gates = gates if gates is not None else find_gates(model)
+        if gates is None:
+            raise ValueError("The model carries no pruning gates and no plan; nothing to slice.")
+        plan = plan_pruning(gates)
     adapter = get_adapter(model)
-    plan = plan if plan is not None else plan_pruning(gates)
     config = pruned_config(model.config, plan, adapter)
     state = _pruned_state_dict(model, plan, adapter)
     compact = _empty_model(config)

@@ -36,10 +36,11 @@ def pruned_run(tmp_path_factory, tiny_tokenizer_dir):
         f"callbacks.pruned_hf_export.save_folder={root / 'callback_export'}",
     )
     hf_model = trainer.state.model.model.eval()
+    gates = gates_of(trainer)
+    gates.eval_at = "target"  # export writes the target shape; training evaluated expected
     ids = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         masked_logits = hf_model(ids).logits
-    gates = gates_of(trainer)
     trainer.close()
     return dict(
         root=root,

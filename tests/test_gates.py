@@ -63,9 +63,84 @@ def test_deterministic_count_is_exact_and_uniform():
     top = gate.log_alpha.detach().topk(2, dim=-1).indices
     assert torch.all(mask.gather(-1, top))
     assert torch.all(det[~mask] == 0)
-    # Louizos test-time value of the kept units.
+    # Kept units: max(Louizos test-time value, mean of the gate).
     value = (torch.sigmoid(gate.log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
-    assert torch.allclose(det[mask], value.detach()[mask])
+    value = torch.maximum(value.detach(), gate.expected_value())
+    assert torch.allclose(det[mask], value[mask])
+
+
+def test_expected_value_matches_monte_carlo():
+    torch.manual_seed(2)
+    gate = HardConcreteGate((9,), keep=3)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(LOG_ALPHA_MIN, LOG_ALPHA_MAX, 9))
+    draws = torch.stack([gate.sample() for _ in range(40000)])
+    assert torch.allclose(gate.expected_value(), draws.mean(0).detach(), atol=0.01)
+
+
+def test_kept_units_are_never_exported_as_zero():
+    # Adversarial: the target keeps 4 of 8 units per row, but one row has every unit far
+    # below the point where the Louizos value is 0 (log-alpha < -2.4).
+    gate = HardConcreteGate((3, 8), keep=4)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.randn(3, 8))
+        gate.log_alpha[1].fill_(LOG_ALPHA_MIN)
+        gate.log_alpha[2, :4] = -3.0
+    det = gate.deterministic()
+    mask = gate.deterministic_keep_mask()
+    assert torch.all(mask.sum(-1) == 4)
+    assert torch.all(det[mask] > 0), det
+    assert torch.all(det[~mask] == 0)
+    # Confidently kept units are not rescaled.
+    with torch.no_grad():
+        gate.log_alpha.fill_(LOG_ALPHA_MAX)
+    assert torch.all(gate.deterministic()[gate.deterministic_keep_mask()] == 1.0)
+
+
+def test_init_noise_survives_the_clamp():
+    gate = HardConcreteGate((4, 16), keep=8)
+    assert gate.log_alpha.max() <= LOG_ALPHA_MAX
+    # No ties: the first masks are decided by the noise, not by index order.
+    assert torch.unique(gate.log_alpha.detach()).numel() == 4 * 16
+    with pytest.raises(ValueError, match="clamp range"):
+        HardConcreteGate((4, 16), keep=8, init_log_alpha=5.0)
+
+
+def test_per_row_keep_counts():
+    gate = HardConcreteGate((2, 10), keep=5)
+    with torch.no_grad():
+        gate.log_alpha[0].fill_(LOG_ALPHA_MAX)  # every unit on
+        gate.log_alpha[1, :3] = LOG_ALPHA_MAX
+        gate.log_alpha[1, 3:] = LOG_ALPHA_MIN
+    counts = gate.expected_keep_counts()
+    assert counts.tolist() == [10, round(3 * 0.998 + 7 * 0.047)]
+    mask = gate.deterministic_keep_mask(counts)
+    assert mask.sum(-1).tolist() == counts.tolist()
+    assert mask[1, :3].all()
+
+
+def test_per_row_constraint_holds_every_row_to_its_budget():
+    """A fake LM gradient pushes row 0 to keep everything and row 1 to drop everything.
+
+    A constraint on the mean over rows is satisfied by 8-on / 2-on rows; the per-row
+    Lagrangian must hold every row near its own target (5 of 10).
+    """
+    gate = HardConcreteGate((2, 10), keep=5)
+    gates_opt = torch.optim.Adam([gate.log_alpha], lr=0.1)
+    lambdas_opt = torch.optim.Adam([gate.lambda_1, gate.lambda_2], lr=0.1, maximize=True)
+    push = torch.tensor([[-1.0], [1.0]])  # d(LM loss)/d(prob): row 0 wants units, row 1 not
+    for _ in range(600):
+        gates_opt.zero_grad()
+        lambdas_opt.zero_grad()
+        lm = (push * gate.prob_nonzero()).sum() * 0.05
+        (lm + gate.lagrangian(gate.target_sparsity)).backward()
+        gates_opt.step()
+        lambdas_opt.step()
+        gate.clamp_()
+    keep = gate.expected_keep().detach()
+    assert torch.all((keep - 5).abs() < 0.5), keep
+    # The rows really were pushed apart: the mean alone would be satisfied at 8 / 2.
+    assert keep[0] > keep[1]
 
 
 def test_deterministic_is_stable_on_ties():
@@ -104,9 +179,9 @@ def test_clamp_and_seeded_init():
     assert a.log_alpha.max() <= LOG_ALPHA_MAX + 1e-6 and a.log_alpha.min() >= LOG_ALPHA_MIN - 1e-6
 
 
-def test_expected_keep_count():
+def test_expected_keep_counts_bounds():
     gate = HardConcreteGate((2, 10), keep=3)
-    assert gate.expected_keep_count() == 10
+    assert gate.expected_keep_counts().tolist() == [10, 10]
     with torch.no_grad():
         gate.log_alpha.fill_(LOG_ALPHA_MIN)
-    assert gate.expected_keep_count() == 1
+    assert gate.expected_keep_counts().tolist() == [1, 1]

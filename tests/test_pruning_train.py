@@ -29,12 +29,16 @@ def test_pruning_reaches_target(family, tiny_tokenizer_dir, tmp_path):
     trainer = run_prune(model_dir, data_dir, "max_duration=120ba", *target_overrides(target))
     gates = gates_of(trainer)
     for name, gate in gates.gates.items():
-        expected = gate.expected_sparsity().item()
-        assert abs(expected - gate.target_sparsity) < 0.02, (name, expected, gate.target_sparsity)
+        # Every row (layer / kv group) near its own budget, not just the mean: within a
+        # quarter of a unit or 2% of the row, whichever is larger.
+        row_keep = gate.expected_keep().detach().flatten()
+        tolerance = max(0.25, 0.02 * gate.num_units)
+        assert torch.all((row_keep - gate.keep).abs() <= tolerance), (name, row_keep, gate.keep)
         # The multipliers moved: the constraint was actively enforced.
         assert gate.lambda_2.item() > 1.0, name
 
     hf_model = trainer.state.model.model.eval()
+    gates.eval_at = "target"  # what export writes (training evaluated the expected shape)
     compact = prune_model(hf_model)
     for key, value in target.items():
         assert getattr(compact.config, key) == value, key

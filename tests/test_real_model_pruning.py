@@ -43,6 +43,7 @@ def test_smollm2_prune_export_matches_masked_model(smollm2_dir, tmp_path):
         *target_overrides(TARGET),
     )
     gates = gates_of(trainer)
+    gates.eval_at = "target"  # what export writes (training evaluated the expected shape)
     masked = trainer.state.model.model.eval()
     trainer.close()
 

@@ -386,7 +386,27 @@ def check_cpt_pairing(recipe: Recipe, siblings: list[Recipe]) -> None:
             raise RecipeError(f"{recipe.name}: domains differ from {partner.name}")
 
 
-CHECKS = (check_train_config, check_components, check_target_shape, check_domains)
+def check_pruning_eval(recipe: Recipe) -> None:
+    """Pruning evaluates the model being trained (expected shape), as the released recipes do.
+
+    Dynamic batch loading reads these eval losses; a cut to the final target early in pruning
+    would steer the mixture by whichever domain an arbitrary cut hurts most.
+    """
+    pruning = recipe.pruning
+    if pruning is None:
+        return
+    eval_at = pruning.get("eval_at", "expected")
+    if eval_at != "expected":
+        raise RecipeError(f"{recipe.name}: targeted_pruning.eval_at is {eval_at!r}, not expected")
+
+
+CHECKS = (
+    check_train_config,
+    check_components,
+    check_target_shape,
+    check_domains,
+    check_pruning_eval,
+)
 
 # ------------------------------------------------------------------------------------- tests
 
@@ -485,9 +505,12 @@ def test_base_recipe_passes():
          "full for export"),
         (lambda r: r.algorithms.targeted_pruning.__setitem__("gate_lr", 0.0), check_components,
          "positive"),
+        (lambda r: r.algorithms.targeted_pruning.__setitem__("eval_at", "target"),
+         check_pruning_eval, "not expected"),
     ],
     ids=["target-larger", "gqa-invalid", "stale-count", "proportion-sum", "target-loss-len",
-         "missing-eval-domain", "unknown-top-level-key", "sharded-pruning-ckpt", "bad-gate-lr"],
+         "missing-eval-domain", "unknown-top-level-key", "sharded-pruning-ckpt", "bad-gate-lr",
+         "eval-at-target"],
 )  # fmt: skip
 def test_broken_recipe_is_caught(edit, check, message):
     recipe = _mutated(edit)

@@ -1,0 +1,221 @@
+"""Activation importance of every prunable unit, from a few calibration batches.
+
+The scores follow NVIDIA's Minitron (Muralidharan et al., 2024) for width and ShortGPT's
+block influence (Men et al., 2024) for depth, measured in one set of forward passes of the
+*unpruned* model:
+
+=====================  ================================================================
+unit                   score (mean over calibration tokens)
+=====================  ================================================================
+query head             L2 norm of the head's output after ``o_proj`` (its own columns)
+kv group               sum of its query heads' scores
+MLP intermediate unit  ``|act(gate) * up|`` (``down_proj``'s input)
+hidden channel         ``|x|`` of every RMSNorm output (both norms of every layer and the
+                       final norm), summed over the norms
+layer                  block influence ``1 - cos(layer input, layer output)``
+=====================  ================================================================
+
+Scores are laid out like the gates of :class:`~composer_shear.masking.ShearGates` (see
+:func:`unit_scores`), so one-shot pruning keeps the top units of every row and gate
+initialisation ranks the same units the same way. Sums are all-reduced across ranks, so
+every rank of a distributed job ends with the same scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from composer_shear.adapters import get_adapter
+from composer_shear.shape import ModelShape
+
+__all__ = ["Importance", "collect_importance", "random_importance", "unit_scores"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Importance:
+    """Mean activation statistics of one model over calibration tokens.
+
+    Attributes:
+        layers: ``(L,)`` block influence ``1 - cos(in, out)`` of each decoder layer.
+        heads: ``(L, H)`` mean L2 norm of each query head's output through ``o_proj``.
+        intermediate: ``(L, I)`` mean ``|activation|`` entering ``down_proj``.
+        hidden: ``(D,)`` mean ``|RMSNorm output|`` per channel, summed over every norm.
+        tokens: Calibration tokens the means are over (all ranks).
+    """
+
+    layers: torch.Tensor
+    heads: torch.Tensor
+    intermediate: torch.Tensor
+    hidden: torch.Tensor
+    tokens: int
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sums ``tensors`` in place across ranks (no-op in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _first(value: Any) -> torch.Tensor:
+    # Decoder layers return a tensor or a tuple whose first item is the hidden states.
+    return value[0] if isinstance(value, tuple | list) else value
+
+
+@torch.no_grad()
+def collect_importance(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[Any], Any] | None = None,
+    hf_model: nn.Module | None = None,
+) -> Importance:
+    """Runs ``model`` on ``batches`` and returns the activation importance of every unit.
+
+    Args:
+        model: What to call on each batch (a Hugging Face causal LM, or a wrapper of one
+            such as Composer's ``HuggingFaceModel`` / FSDP / DDP).
+        batches: Calibration batches: ``input_ids`` tensors, or dicts with ``input_ids``.
+        forward: ``forward(batch)`` runs the model (default: ``model(input_ids=...)``).
+        hf_model: The Hugging Face model inside ``model`` whose modules are hooked
+            (default: ``model`` itself).
+
+    Returns:
+        Means over every calibration token of every rank.
+    """
+    hf_model = model if hf_model is None else hf_model
+    adapter = get_adapter(hf_model)
+    source = ModelShape.from_config(hf_model.config, adapter.bias_layout(hf_model.config))
+    n_layers, n_heads, head_dim = (
+        source.num_hidden_layers,
+        source.num_attention_heads,
+        source.head_dim,
+    )
+    device = adapter.embedding(hf_model).weight.device
+    acc = {
+        "layers": torch.zeros(n_layers, dtype=torch.float64, device=device),
+        "heads": torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device),
+        "intermediate": torch.zeros(
+            n_layers, source.intermediate_size, dtype=torch.float64, device=device
+        ),
+        "hidden": torch.zeros(source.hidden_size, dtype=torch.float64, device=device),
+        "tokens": torch.zeros(1, dtype=torch.float64, device=device),
+    }
+    layer_inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def add_hidden(module, args, output):
+        acc["hidden"] += _first(output).detach().abs().double().flatten(0, -2).sum(0)
+
+    for index, layer in enumerate(adapter.layer_list(hf_model)):
+        mods = adapter.layer_modules(layer)
+
+        def heads_pre(module, args, index=index):
+            # Each head's contribution to the residual stream: its slice of o_proj's input
+            # times its columns of o_proj (Minitron measures before o_proj; after it, a head
+            # whose output o_proj scales away scores low too).
+            x = args[0].detach().flatten(0, -2)
+            w = module.weight.detach().to(x.dtype)
+            for h in range(n_heads):  # one head at a time: (tokens, hidden) stays small
+                cols = slice(h * head_dim, (h + 1) * head_dim)
+                out = x[:, cols] @ w[:, cols].T
+                acc["heads"][index, h] += out.double().norm(dim=-1).sum()
+
+        def inter_pre(module, args, index=index):
+            acc["intermediate"][index] += args[0].detach().abs().double().flatten(0, -2).sum(0)
+
+        def layer_pre(module, args, kwargs, index=index):
+            layer_inputs[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        def layer_post(module, args, kwargs, output, index=index):
+            before, after = layer_inputs.pop(index).double(), _first(output).detach().double()
+            cos = torch.nn.functional.cosine_similarity(before, after, dim=-1)
+            acc["layers"][index] += (1.0 - cos).sum()
+
+        handles += [
+            mods.o_proj.register_forward_pre_hook(heads_pre),
+            mods.down_proj.register_forward_pre_hook(inter_pre),
+            layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
+            layer.register_forward_hook(layer_post, with_kwargs=True),
+            mods.input_norm.register_forward_hook(add_hidden),
+            mods.post_attention_norm.register_forward_hook(add_hidden),
+        ]
+    handles.append(adapter.final_norm_module(hf_model).register_forward_hook(add_hidden))
+
+    if forward is None:
+
+        def forward(batch):
+            ids = batch["input_ids"] if isinstance(batch, dict) else batch
+            return model(input_ids=ids.to(device))
+
+    try:
+        for batch in batches:
+            ids = batch["input_ids"] if isinstance(batch, dict) else batch
+            acc["tokens"] += ids.numel()
+            forward(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _all_reduce_sum(list(acc.values()))
+    tokens = int(acc["tokens"].item())
+    if tokens == 0:
+        raise ValueError("collect_importance: the calibration batches held no tokens.")
+    means = {name: (value / tokens).float().cpu() for name, value in acc.items()}
+    log.info("importance: %d calibration tokens", tokens)
+    return Importance(
+        layers=means["layers"],
+        heads=means["heads"],
+        intermediate=means["intermediate"],
+        hidden=means["hidden"],
+        tokens=tokens,
+    )
+
+
+def random_importance(source: ModelShape, seed: int = 0) -> Importance:
+    """Random scores of the same layout: random structured pruning, a baseline."""
+    generator = torch.Generator().manual_seed(seed)
+    n_layers = source.num_hidden_layers
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator)
+
+    return Importance(
+        layers=rand(n_layers),
+        heads=rand(n_layers, source.num_attention_heads),
+        intermediate=rand(n_layers, source.intermediate_size),
+        hidden=rand(source.hidden_size),
+        tokens=0,
+    )
+
+
+def unit_scores(importance: Importance, source: ModelShape) -> dict[str, torch.Tensor]:
+    """Scores laid out like the gates (one entry per prunable dimension, every dimension).
+
+    Returns:
+        ``layers`` ``(L,)``, ``kv_heads`` ``(L, n_kv)``, ``heads`` ``(L, n_kv, n_rep)``
+        (query head ``i`` is in kv group ``i // n_rep``), ``intermediate`` ``(L, I)``,
+        ``hidden`` ``(D,)``.
+    """
+    n_layers, n_kv = source.num_hidden_layers, source.num_key_value_heads
+    heads = importance.heads.reshape(n_layers, n_kv, source.heads_per_group)
+    return {
+        "layers": importance.layers,
+        "kv_heads": heads.sum(-1),
+        "heads": heads,
+        "intermediate": importance.intermediate,
+        "hidden": importance.hidden,
+    }

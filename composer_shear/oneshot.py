@@ -1,0 +1,281 @@
+r"""One-shot structured pruning: keep the most important units, no training.
+
+Importance comes from activations on a few calibration batches
+(:mod:`composer_shear.importance`, Minitron / ShortGPT style), or at random (a baseline). The
+kept units go through the *same* surgery as learned gates
+(:func:`composer_shear.surgery.plan_from_masks`), so a one-shot model and a learned one are
+sliced by one code path and load the same way.
+
+Python::
+
+    from composer_shear.oneshot import prune_oneshot
+    compact = prune_oneshot(model, {"num_hidden_layers": 24, "hidden_size": 512}, batches)
+
+Command line::
+
+    composer-shear prune-oneshot SOURCE OUT --data DATA_DIR --target-shape \
+        num_hidden_layers=24,hidden_size=512,num_attention_heads=6,intermediate_size=1152
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from composer_shear.adapters import get_adapter
+from composer_shear.gates import top_k_mask
+from composer_shear.importance import (
+    Importance,
+    collect_importance,
+    random_importance,
+    unit_scores,
+)
+from composer_shear.masking import gate_specs
+from composer_shear.shape import TARGET_KEYS, ModelShape, ShapeError
+from composer_shear.surgery import PruningPlan, plan_from_masks, prune_model
+
+__all__ = [
+    "METHODS",
+    "calibration_batches",
+    "keep_masks_from_scores",
+    "oneshot_plan",
+    "parse_target_shape",
+    "prune_oneshot",
+    "register_cli",
+]
+
+METHODS = ("activation", "random")
+
+
+def keep_masks_from_scores(
+    scores: Mapping[str, torch.Tensor], source: ModelShape, target: ModelShape
+) -> dict[str, torch.Tensor]:
+    """The top-scored units of every row, for every dimension the target shrinks.
+
+    Returns:
+        Boolean masks shaped like the gates (see :func:`composer_shear.masking.gate_specs`).
+    """
+    masks = {}
+    for name, (shape, keep) in gate_specs(source, target).items():
+        score = scores[name].float()
+        if tuple(score.shape) != shape:
+            raise ValueError(f"{name}: scores of shape {tuple(score.shape)}, expected {shape}")
+        masks[name] = top_k_mask(score, keep)
+    return masks
+
+
+def oneshot_plan(
+    model: nn.Module, target_shape: Mapping[str, Any], importance: Importance
+) -> PruningPlan:
+    """What one-shot pruning keeps of ``model`` for ``target_shape``."""
+    adapter = get_adapter(model)
+    source = ModelShape.from_config(model.config, adapter.bias_layout(model.config))
+    target = source.resolve_target(dict(target_shape))
+    keep = keep_masks_from_scores(unit_scores(importance, source), source, target)
+    return plan_from_masks(source, target, keep)
+
+
+def prune_oneshot(
+    model: nn.Module,
+    target_shape: Mapping[str, Any],
+    batches: Iterable[Any] | None = None,
+    method: str = "activation",
+    seed: int = 0,
+) -> nn.Module:
+    """Returns the compact model that keeps the most important units of ``model``.
+
+    Args:
+        model: A Hugging Face causal LM of a supported family (eval mode is set).
+        target_shape: The shape to reach (keys of :data:`composer_shear.shape.TARGET_KEYS`).
+        batches: Calibration batches (``input_ids`` tensors or dicts); needed for
+            ``activation``.
+        method: ``activation`` (importance from activations) or ``random``.
+        seed: Seed of ``random``.
+    """
+    model.eval()
+    importance = _importance(model, batches, method, seed)
+    return prune_model(model, plan=oneshot_plan(model, target_shape, importance))
+
+
+def _importance(model: nn.Module, batches: Any, method: str, seed: int) -> Importance:
+    if method == "random":
+        adapter = get_adapter(model)
+        return random_importance(
+            ModelShape.from_config(model.config, adapter.bias_layout(model.config)), seed
+        )
+    if method != "activation":
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batches is None:
+        raise ValueError("activation importance needs calibration batches")
+    return collect_importance(model, batches)
+
+
+# -- calibration data ------------------------------------------------------------------------
+
+
+def calibration_batches(
+    data_dir: str | Path,
+    tokens: int,
+    max_seq_len: int,
+    batch_size: int = 8,
+    domains: Sequence[str] | None = None,
+    seed: int = 0,
+    split: str = "train",
+) -> list[torch.Tensor]:
+    """Calibration batches drawn evenly from every domain's ``split`` of an MDS data folder.
+
+    Each domain contributes the same number of sequences, picked at random (seeded) among the
+    first ``8x`` that many of its samples (the reading cost stays bounded on large corpora).
+
+    Args:
+        data_dir: ``DATA/<domain>/<split>`` MDS folders (``composer-shear tokenize``).
+        tokens: Calibration tokens wanted (rounded up to whole batches).
+        max_seq_len: Tokens per sequence (samples are truncated; shorter ones skipped).
+        batch_size: Sequences per batch.
+        domains: Domains to use (default: every folder with a ``split``).
+        seed: Seed of the pick.
+        split: Which split (the train split: eval data stays held out).
+    """
+    from composer_shear.reference_loss import read_mds_token_samples
+
+    data_dir = Path(data_dir)
+    if domains is None:
+        domains = sorted(p.name for p in data_dir.iterdir() if (p / split / "index.json").is_file())
+    if not domains:
+        raise FileNotFoundError(f"No <domain>/{split} MDS folders under {data_dir}.")
+    n_batches = max(1, math.ceil(tokens / (batch_size * max_seq_len)))
+    per_domain = math.ceil(n_batches * batch_size / len(domains))
+    rng = np.random.default_rng(seed)
+    rows: list[np.ndarray] = []
+    for domain in domains:
+        split_dir = data_dir / domain / split
+        pool = [
+            t[:max_seq_len]
+            for t in read_mds_token_samples(split_dir, max_samples=8 * per_domain)
+            if len(t) >= max_seq_len
+        ]
+        if not pool:
+            raise ValueError(f"domain {domain!r}: no sample of {max_seq_len} tokens in {split_dir}")
+        picks = rng.choice(len(pool), size=per_domain, replace=len(pool) < per_domain)
+        rows.extend(pool[i] for i in picks)
+    order = rng.permutation(len(rows))[: n_batches * batch_size]
+    ids = torch.from_numpy(np.stack([rows[i] for i in order]).astype(np.int64))
+    return list(ids.split(batch_size))
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def parse_target_shape(text: str) -> dict[str, int]:
+    """``"num_hidden_layers=24,hidden_size=512"`` (or a JSON object) -> a target mapping."""
+    text = text.strip()
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ShapeError("--target-shape JSON must be an object")
+        return {str(k): v for k, v in value.items()}
+    target: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ShapeError(f"--target-shape: expected KEY=VALUE, got {item!r}")
+        if key.strip() not in TARGET_KEYS:
+            raise ShapeError(f"--target-shape: unknown key {key!r}; allowed: {list(TARGET_KEYS)}")
+        try:
+            target[key.strip()] = int(value)
+        except ValueError:
+            raise ShapeError(f"--target-shape: {key}={value!r} is not an integer") from None
+    if not target:
+        raise ShapeError("--target-shape is empty")
+    return target
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from composer_shear.export import ExportError, _check_out_dir, write_hf_directory
+
+    start = time.perf_counter()
+    try:
+        target_shape = parse_target_shape(args.target_shape)
+        _check_out_dir(Path(args.out_dir), args.overwrite)
+        if args.method == "activation" and args.data is None:
+            raise ValueError("--data is required for --method activation")
+        print(f"loading {args.source}", flush=True)
+        model = AutoModelForCausalLM.from_pretrained(args.source, torch_dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.source)
+        adapter = get_adapter(model)
+        source = ModelShape.from_config(model.config, adapter.bias_layout(model.config))
+        target = source.resolve_target(target_shape)
+        batches = None
+        if args.method == "activation":
+            batches = calibration_batches(
+                args.data,
+                args.calibration_tokens,
+                args.max_seq_len,
+                batch_size=args.batch_size,
+                domains=args.domains,
+                seed=args.seed,
+            )
+            n_tokens = sum(b.numel() for b in batches)
+            print(f"calibrating on {len(batches)} batches ({n_tokens:,} tokens)", flush=True)
+        compact = prune_oneshot(model, target_shape, batches, args.method, args.seed)
+        info = {
+            "method": f"oneshot-{args.method}",
+            "source_shape": source.config_updates(),
+            "source_num_params": source.num_params(),
+            "target_shape": target.config_updates(),
+            "target_num_params": target.num_params(),
+            "calibration_tokens": 0 if batches is None else sum(b.numel() for b in batches),
+            "seed": args.seed,
+        }
+        write_hf_directory(compact, args.out_dir, tokenizer, args.overwrite, info=info)
+    except (ShapeError, ValueError, FileNotFoundError, ExportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"source : {source.describe()}")
+    print(f"pruned : {target.describe()}")
+    print(f"written: {args.out_dir} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``composer-shear prune-oneshot``."""
+    parser = subparsers.add_parser(
+        "prune-oneshot",
+        help="one-shot structured pruning by activation importance (no training)",
+        description=(
+            "Keep the most important layers, kv groups, query heads, MLP units and hidden "
+            "channels of a Hugging Face model for a target shape, scored on calibration batches "
+            "of a multi-domain MDS folder, and write the compact model as a HF directory "
+            "(same surgery as the learned route)."
+        ),
+    )
+    parser.add_argument("source", help="Hugging Face model directory")
+    parser.add_argument("out_dir", help="output directory (must be empty or absent)")
+    parser.add_argument(
+        "--target-shape",
+        required=True,
+        help="e.g. num_hidden_layers=24,hidden_size=512,num_attention_heads=6,"
+        "num_key_value_heads=2,intermediate_size=1152 (or a JSON object)",
+    )
+    parser.add_argument("--data", help="DATA/<domain>/train MDS folders (composer-shear tokenize)")
+    parser.add_argument("--domains", nargs="+", help="domains to calibrate on (default: all)")
+    parser.add_argument("--calibration-tokens", type=int, default=65536)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--method", choices=METHODS, default="activation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    parser.set_defaults(func=_run_cli)
+    return parser

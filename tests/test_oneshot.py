@@ -1,0 +1,201 @@
+"""One-shot importance pruning: planted unimportant units are the ones removed, every family."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from composer_shear.adapters import get_adapter
+from composer_shear.importance import collect_importance
+from composer_shear.oneshot import oneshot_plan, parse_target_shape, prune_oneshot
+from composer_shear.shape import ModelShape, ShapeError
+from tests.pruning_helpers import REPO, VENV_BIN
+from tests.tiny_models import FAMILIES, tiny_model
+
+LAYER, NEURON, CHANNEL = 2, 5, 7
+
+
+def batches(vocab: int, n: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (2, 24), generator=generator) for _ in range(n)]
+
+
+def shape_of(model) -> ModelShape:
+    return ModelShape.from_config(model.config, get_adapter(model).bias_layout(model.config))
+
+
+@torch.no_grad()
+def plant(model, kind: str) -> int:
+    """Makes one unit of ``kind`` unimportant; returns the index it has in its row."""
+    adapter = get_adapter(model)
+    shape = shape_of(model)
+    hd, n_rep = shape.head_dim, shape.heads_per_group
+    layers = [adapter.layer_modules(layer) for layer in adapter.layer_list(model)]
+    if kind == "layers":  # the block adds nothing to the residual stream: cos(in, out) = 1
+        for proj in (layers[LAYER].o_proj, layers[LAYER].down_proj):
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
+        return LAYER
+    if kind == "intermediate":  # silu(0) * 0 = 0 in every layer
+        for mods in layers:
+            mods.gate_proj.weight[NEURON].zero_()
+            mods.up_proj.weight[NEURON].zero_()
+        return NEURON
+    if kind == "hidden":  # every RMSNorm outputs 0 on this channel
+        norms = [m for mods in layers for m in (mods.input_norm, mods.post_attention_norm)]
+        for norm in [*norms, adapter.final_norm_module(model)]:
+            norm.weight[CHANNEL] = 0.0
+        return CHANNEL
+    if kind == "kv_heads":  # every query head of kv group 1 writes nothing through o_proj
+        for mods in layers:
+            mods.o_proj.weight[:, 1 * n_rep * hd : 2 * n_rep * hd] = 0.0
+        return 1
+    if kind == "heads":  # query head 1 of every group (MHA: head 1) writes nothing
+        groups = 1 if shape.is_mha else shape.num_key_value_heads
+        for mods in layers:
+            for group in range(groups):
+                head = group * n_rep + 1
+                mods.o_proj.weight[:, head * hd : (head + 1) * hd] = 0.0
+        return 1
+    raise ValueError(kind)
+
+
+def one_less(model, kind: str) -> dict[str, int]:
+    shape = shape_of(model)
+    if kind == "layers":
+        return {"num_hidden_layers": shape.num_hidden_layers - 1}
+    if kind == "intermediate":
+        return {"intermediate_size": shape.intermediate_size - 1}
+    if kind == "hidden":
+        return {"hidden_size": shape.hidden_size - 1}
+    if kind == "kv_heads":
+        return {"num_key_value_heads": shape.num_key_value_heads - 1}
+    # One query head less per kv group (MHA: one head less).
+    per_group = shape.heads_per_group - 1 if not shape.is_mha else 1
+    if shape.is_mha:
+        return {"num_attention_heads": shape.num_attention_heads - 1}
+    return {"num_attention_heads": per_group * shape.num_key_value_heads}
+
+
+def kinds(family: str) -> list[str]:
+    _, kwargs = FAMILIES[family]
+    gqa = kwargs["num_attention_heads"] != kwargs["num_key_value_heads"]
+    return ["layers", "intermediate", "hidden", "heads", *(["kv_heads"] if gqa else [])]
+
+
+CASES = [(family, kind) for family in sorted(FAMILIES) for kind in kinds(family)]
+
+
+@pytest.mark.parametrize("family, kind", CASES)
+def test_planted_unit_is_removed(family, kind):
+    model = tiny_model(family)
+    index = plant(model, kind)
+    importance = collect_importance(model, batches(model.config.vocab_size))
+    plan = oneshot_plan(model, one_less(model, kind), importance)
+    shape = shape_of(model)
+    if kind == "layers":
+        assert index not in plan.kept_layers
+        assert len(plan.kept_layers) == shape.num_hidden_layers - 1
+    elif kind == "intermediate":
+        assert all(index not in row.tolist() for row in plan.kept_intermediate)
+    elif kind == "hidden":
+        assert index not in plan.kept_hidden.tolist()
+    elif kind == "kv_heads":
+        assert all(index not in row.tolist() for row in plan.kept_kv)
+    else:  # heads: query head 1 of every group is gone, the others stay
+        n_rep = shape.heads_per_group
+        removed = {g * n_rep + 1 for g in range(shape.num_key_value_heads)}
+        if shape.is_mha:
+            removed = {1}
+        for row in plan.kept_heads:
+            assert not removed & set(row.tolist())
+            assert len(row) == shape.num_attention_heads - len(removed)
+    # Nothing else is dropped: every scale is 1 (one-shot folds no gate values).
+    assert torch.all(plan.head_scale == 1) and torch.all(plan.intermediate_scale == 1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_oneshot_export_loads_at_target(family, tied, tmp_path):
+    model = tiny_model(family, tie_word_embeddings=tied)
+    shape = shape_of(model)
+    target = {
+        "num_hidden_layers": 3,
+        "intermediate_size": 64,
+        "hidden_size": 48,
+        "num_key_value_heads": max(1, shape.num_key_value_heads // 2),
+    }
+    if shape.is_mha:
+        target["num_attention_heads"] = target["num_key_value_heads"]
+    compact = prune_oneshot(model, target, batches(model.config.vocab_size))
+    expected = shape.resolve_target(target)
+    compact.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    for key, value in expected.config_updates().items():
+        assert getattr(loaded.config, key) == value, key
+    assert sum(p.numel() for p in loaded.parameters()) == expected.num_params()
+    ids = batches(model.config.vocab_size, 1, seed=3)[0]
+    with torch.no_grad():
+        assert torch.allclose(compact(ids).logits, loaded.eval()(ids).logits, atol=1e-5)
+
+
+def test_random_method_differs_by_seed_and_needs_no_data():
+    model = tiny_model("llama_gqa")
+    a = prune_oneshot(model, {"intermediate_size": 48}, method="random", seed=0)
+    b = prune_oneshot(model, {"intermediate_size": 48}, method="random", seed=1)
+    assert a.config.intermediate_size == b.config.intermediate_size == 48
+    wa, wb = (m.model.layers[0].mlp.up_proj.weight for m in (a, b))
+    assert not torch.equal(wa, wb)
+    with pytest.raises(ValueError, match="calibration batches"):
+        prune_oneshot(model, {"intermediate_size": 48})
+
+
+def test_parse_target_shape():
+    assert parse_target_shape("num_hidden_layers=24, hidden_size=512") == {
+        "num_hidden_layers": 24,
+        "hidden_size": 512,
+    }
+    assert parse_target_shape('{"hidden_size": 512}') == {"hidden_size": 512}
+    for bad in ("hidden=512", "hidden_size=big", "hidden_size", ""):
+        with pytest.raises(ShapeError):
+            parse_target_shape(bad)
+
+
+@pytest.mark.slow
+def test_cli_prunes_smollm2_at_target(smollm2_dir, tmp_path):
+    from composer_shear.data.prep import prepare_domains
+
+    data = tmp_path / "data"
+    prepare_domains(
+        REPO / "data" / "sample_corpus",
+        data,
+        str(smollm2_dir),
+        64,
+        domains=["code", "books"],
+        verbose=False,
+    )
+    out = tmp_path / "oneshot"
+    target = "num_hidden_layers=24,hidden_size=512,num_attention_heads=6,num_key_value_heads=2"
+    cmd = [
+        str(VENV_BIN / "composer-shear"), "prune-oneshot", str(smollm2_dir), str(out),
+        "--data", str(data), "--max-seq-len", "64", "--calibration-tokens", "2048",
+        "--target-shape", f"{target},intermediate_size=1152",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert loaded.config.num_hidden_layers == 24 and loaded.config.hidden_size == 512
+    assert sum(p.numel() for p in loaded.parameters()) == 80_241_152
+    # Bad input: a clear error, nothing written.
+    bad = subprocess.run(
+        [*cmd[:3], str(tmp_path / "bad"), *cmd[4:-2], "--target-shape", "hidden_size=4096"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "larger than the source" in bad.stderr
+    assert not (tmp_path / "bad").exists()
