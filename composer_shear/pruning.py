@@ -328,7 +328,7 @@ class TargetedPruning(Algorithm):
             if data_dir is None:
                 # Each domain reads LOCAL/<domain>/<split>; calibration reads LOCAL's shards
                 # directly (no Streaming state is touched, so training data order is unchanged).
-                data_dir = str(Path(mixer.datasets[0].local).parent.parent)
+                data_dir = str(Path(mixer.datasets[0].streams[0].local).parent.parent)
                 domains = mixer.domains
         if data_dir is None:
             raise ValueError(

@@ -1,0 +1,314 @@
+"""Quality at equal training tokens: learned targeted pruning vs. the alternatives.
+
+Runs every method of ``benchmarks/quality.yaml`` on SmolLM2-135M and the shipped 7-domain
+corpus, to the same target shape, with the same total training tokens (pruning + continued
+pre-training), through real ``llmfoundry train`` jobs, and writes:
+
+* ``OUT/results/<method>-s<seed>.json``: per-domain eval losses before and after CPT, the
+  eval curve of the CPT run, tokens, wall time;
+* ``OUT/table.md``: per-domain and mean eval loss, worst gap to the reference loss, tokens,
+  wall time, seeds (mean and spread when several seeds ran);
+* ``OUT/quality.png``: mean eval loss against training tokens, per method.
+
+Finished methods are skipped on a rerun (``--force`` reruns them), so a long benchmark can be
+resumed. Usage::
+
+    python benchmarks/bench_quality.py --budget small            # all methods
+    python benchmarks/bench_quality.py --methods oneshot learned_init --budget default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from composer_shear.demo import (  # noqa: E402
+    CPT_YAML,
+    DEFAULT_CORPUS,
+    PRUNE_YAML,
+    _check_hf_dir,
+    _environment,
+    _list_override,
+    _llmfoundry_train,
+)
+
+SETTINGS = Path(__file__).with_name("quality.yaml")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def prepare(out: Path, cfg: dict[str, Any]) -> tuple[Path, Path, dict[str, float]]:
+    """SmolLM2, the tokenized corpus and the source model's losses (cached in ``out``)."""
+    from composer_shear.data.prep import prepare_domains
+    from composer_shear.real_model import materialize_smollm2
+    from composer_shear.reference_loss import evaluate_domain_losses
+
+    source = materialize_smollm2(verbose=True)
+    data = out / "data"
+    if not (data / "done").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        prepare_domains(
+            DEFAULT_CORPUS, data, str(source), cfg["max_seq_len"], domains=cfg["domains"]
+        )
+        (data / "done").write_text("")
+    ref_path = out / "source_losses.json"
+    if not ref_path.exists():
+        log("measuring the source model's eval losses (the reference losses)")
+        losses = evaluate_domain_losses(
+            source, data, cfg["domains"], cfg["max_seq_len"], 8, cfg["eval_samples"]
+        )
+        ref_path.write_text(json.dumps(losses, indent=2))
+    return source, data, json.loads(ref_path.read_text())
+
+
+def evaluate(model_dir: Path, data: Path, cfg: dict[str, Any]) -> dict[str, float]:
+    from composer_shear.reference_loss import evaluate_domain_losses
+
+    return evaluate_domain_losses(
+        model_dir, data, cfg["domains"], cfg["max_seq_len"], 8, cfg["eval_samples"]
+    )
+
+
+def eval_curve(metrics_file: Path, domains: list[str]) -> list[tuple[int, float]]:
+    """(step, mean eval loss) of every evaluation round logged in a jsonl metrics file."""
+    if not metrics_file.exists():
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line)
+        for key, value in (row.get("metrics") or {}).items():
+            parts = key.split("/")  # metrics/eval/<domain>/LanguageCrossEntropy, one line each
+            if len(parts) == 4 and parts[1] == "eval" and parts[3] == "LanguageCrossEntropy":
+                by_step.setdefault(int(row["step"]), {})[parts[2]] = value
+    return [
+        (step, statistics.fmean(losses[d] for d in domains))
+        for step, losses in sorted(by_step.items())
+        if all(losses.get(d) is not None for d in domains)
+    ]
+
+
+def target_overrides(cfg: dict[str, Any]) -> list[str]:
+    return [
+        f"algorithms.targeted_pruning.target_shape.{key}={value}"
+        for key, value in cfg["target_shape"].items()
+    ]
+
+
+def run_method(
+    name: str, spec: dict[str, Any], seed: int, steps: int, out: Path, cfg: dict[str, Any],
+    source: Path, data: Path, reference: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    """Runs one method end to end; returns its result record."""
+    run_dir = out / "runs" / f"{name}-s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    tokens_per_step = cfg["global_batch_size"] * cfg["max_seq_len"]
+    common = [
+        f"variables.data_dir={data}",
+        f"variables.run_dir={run_dir}",
+        f"variables.max_seq_len={cfg['max_seq_len']}",
+        f"variables.update_interval={cfg['update_interval']}ba",
+        _list_override("variables.target_loss", [reference[d] for d in cfg["domains"]]),
+        f"seed={seed}",
+    ]
+    route = spec["route"]
+    prune_steps = round(steps * cfg["prune_fraction"]) if route == "learned" else 0
+    cpt_steps = steps - prune_steps
+    pruned = run_dir / "models" / "pruned"
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    if route == "learned":
+        log(f"  [{name}] pruning {prune_steps} steps")
+        _llmfoundry_train(
+            PRUNE_YAML,
+            [
+                f"variables.model_dir={source}",
+                f"variables.steps={prune_steps}",
+                f"algorithms.targeted_pruning.init_tokens={cfg['calibration_tokens']}",
+                *target_overrides(cfg),
+                *common,
+                *spec.get("prune", []),
+            ],
+            run_dir / "logs" / "prune.log",
+        )
+    else:
+        importance = "random" if route == "scratch" else spec.get("importance", "activation")
+        log(f"  [{name}] one-shot ({importance}) cut")
+        shape = ",".join(f"{k}={v}" for k, v in cfg["target_shape"].items())
+        cmd = [
+            str(Path(sys.executable).parent / "composer-shear"), "prune-oneshot", str(source),
+            str(pruned), "--data", str(data), "--max-seq-len", str(cfg["max_seq_len"]),
+            "--calibration-tokens", str(cfg["calibration_tokens"]), "--method", importance,
+            "--seed", str(seed), "--target-shape", shape,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_environment(), cwd=REPO)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        (run_dir / "logs" / "oneshot.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"prune-oneshot failed:\n{proc.stderr[-3000:]}")
+    times["prune"] = time.perf_counter() - start
+    _check_hf_dir(pruned)
+    before = None if route == "scratch" else evaluate(pruned, data, cfg)
+
+    log(f"  [{name}] continued pre-training {cpt_steps} steps")
+    start = time.perf_counter()
+    cpt_overrides = [f"variables.model_dir={pruned}", f"variables.steps={cpt_steps}", *common]
+    if route == "scratch":
+        cpt_overrides.append("model.pretrained=false")
+    _llmfoundry_train(
+        CPT_YAML, [*cpt_overrides, *spec.get("cpt", [])], run_dir / "logs" / "cpt.log"
+    )
+    times["cpt"] = time.perf_counter() - start
+    final_dir = run_dir / "models" / "cpt" / "huggingface" / "final"
+    after = evaluate(final_dir, data, cfg)
+    curve = [
+        ((prune_steps + step) * tokens_per_step, loss)
+        for step, loss in eval_curve(run_dir / "metrics" / "cpt.jsonl", cfg["domains"])
+    ]
+    if before is not None:
+        curve.insert(0, (prune_steps * tokens_per_step, statistics.fmean(before.values())))
+    # Keep the record, drop the checkpoints (tens of MB each).
+    shutil.rmtree(run_dir / "models" / "cpt", ignore_errors=True)
+    return {
+        "method": name,
+        "label": spec.get("label", name),
+        "seed": seed,
+        "steps": {"prune": prune_steps, "cpt": cpt_steps},
+        "tokens": {"prune": prune_steps * tokens_per_step, "cpt": cpt_steps * tokens_per_step},
+        "calibration_tokens": 0 if route in ("scratch",) or (
+            route == "oneshot" and spec.get("importance") == "random"
+        ) else cfg["calibration_tokens"],
+        "before_cpt": before,
+        "after_cpt": after,
+        "curve": curve,
+        "seconds": times,
+    }
+
+
+def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -> str:
+    """Table (markdown) and plot of every result in ``out/results``."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((out / "results").glob("*.json")):
+        record = json.loads(path.read_text())
+        results.setdefault(record["method"], []).append(record)
+    domains = cfg["domains"]
+    order = [m for m in cfg["methods"] if m in results] + [
+        m for m in results if m not in cfg["methods"]
+    ]
+
+    def stat(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
+
+    header = ["method", "train tokens", "mean eval loss", *domains, "worst gap to ref",
+              "before CPT", "wall time", "seeds"]  # fmt: skip
+    rows = []
+    for name in order:
+        records = results[name]
+        means = [statistics.fmean(r["after_cpt"][d] for d in domains) for r in records]
+        per_domain = [stat([r["after_cpt"][d] for r in records]) for d in domains]
+        gaps = [max(r["after_cpt"][d] - reference[d] for d in domains) for r in records]
+        befores = [statistics.fmean(r["before_cpt"].values()) for r in records if r["before_cpt"]]
+        tokens = records[0]["tokens"]
+        seconds = statistics.fmean(sum(r["seconds"].values()) for r in records)
+        rows.append([
+            records[0]["label"],
+            f"{tokens['prune'] + tokens['cpt']:,} ({tokens['prune']:,} + {tokens['cpt']:,})",
+            f"**{stat(means)}**",
+            *per_domain,
+            stat(gaps),
+            stat(befores) if befores else "-",
+            f"{seconds / 60:.1f} min",
+            ",".join(str(r["seed"]) for r in records),
+        ])  # fmt: skip
+    ref_row = ["source model (reference)", "-", f"{statistics.fmean(reference.values()):.3f}",
+               *(f"{reference[d]:.3f}" for d in domains), "0", "-", "-", "-"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in [*rows, ref_row]]
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in order:
+        record = results[name][0]
+        xs, ys = zip(*record["curve"], strict=True) if record["curve"] else ((), ())
+        ax.plot(xs, ys, marker="o", markersize=3, label=record["label"])
+    ax.axhline(statistics.fmean(reference.values()), color="grey", ls=":", label="source model")
+    ax.set_xlabel("training tokens (pruning + CPT)")
+    ax.set_ylabel(f"mean eval loss over {len(domains)} domains")
+    ax.set_title("SmolLM2-135M -> 80.2M: eval loss vs. training tokens (first seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", default=str(SETTINGS))
+    parser.add_argument("--budget", default="default", help="a key of budgets: in the settings")
+    parser.add_argument("--steps", type=int, help="total training steps (overrides --budget)")
+    parser.add_argument("--methods", nargs="+", help="subset of the settings' methods")
+    parser.add_argument("--seeds", nargs="+", type=int, help="override the settings' seeds")
+    parser.add_argument("--out", help="output folder (default runs/bench_quality/<budget>)")
+    parser.add_argument("--force", action="store_true", help="rerun finished methods")
+    args = parser.parse_args()
+
+    cfg = yaml.safe_load(Path(args.settings).read_text())
+    steps = args.steps or cfg["budgets"][args.budget]
+    out = Path(args.out or REPO / "runs" / "bench_quality" / (f"{steps}steps"))
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    methods = args.methods or list(cfg["methods"])
+    unknown = sorted(set(methods) - set(cfg["methods"]))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(cfg['methods'])}")
+    seeds = args.seeds or cfg["seeds"]
+    log(f"bench_quality: {steps} steps x {cfg['global_batch_size']} x {cfg['max_seq_len']} "
+        f"tokens per method; methods {methods}; seeds {seeds}; output {out}")  # fmt: skip
+    source, data, reference = prepare(out, cfg)
+    started = time.perf_counter()
+    for seed in seeds:
+        for name in methods:
+            result_path = out / "results" / f"{name}-s{seed}.json"
+            if result_path.exists() and not args.force:
+                log(f"{name} (seed {seed}): done earlier, skipped")
+                continue
+            log(f"{name} (seed {seed}): {cfg['methods'][name].get('label', name)}")
+            record = run_method(
+                name, cfg["methods"][name], seed, steps, out, cfg, source, data, reference
+            )
+            result_path.write_text(json.dumps(record, indent=2))
+            mean = statistics.fmean(record["after_cpt"].values())
+            log(f"  [{name}] mean eval loss after CPT {mean:.3f} "
+                f"({sum(record['seconds'].values()) / 60:.1f} min)")  # fmt: skip
+            write_outputs(out, cfg, reference)
+    log("\n" + write_outputs(out, cfg, reference))
+    log(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min; table {out / 'table.md'}, "
+        f"plot {out / 'quality.png'}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
