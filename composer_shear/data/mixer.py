@@ -481,7 +481,13 @@ class MultiDomainDataset(IterableDataset):
             self._weight_log.append((self._position, w.copy()))
 
     def _uniforms(self, block_id: int) -> np.ndarray:
-        """The uniforms of positions ``block_id * _BLOCK ...`` on this rank."""
+        """The uniforms of positions ``block_id * _BLOCK ...`` on this rank.
+
+        The entropy ``[mix_seed, rank, block]`` differs for every (rank, block), so every block
+        of every rank is its own stream. (NumPy's SeedSequence ignores trailing zeros, so rank
+        0's first block equals the rank-independent stream of earlier versions; no two
+        (rank, block) pairs collide.)
+        """
         return np.random.default_rng([self.mix_seed, self._draw_rank, block_id]).random(_BLOCK)
 
     def draw_domain(self, j: int) -> int:
