@@ -47,7 +47,7 @@ def _release_finished_trainings():
     from composer.core.engine import Engine
 
     for obj in gc.get_objects():
-        if isinstance(obj, Engine):
+        if type(obj) is Engine:  # not isinstance: proxies in the heap warn on __class__
             obj.close()
             atexit.unregister(obj._close)
     gc.collect()

@@ -231,6 +231,61 @@ def test_load_state_dict_into_a_used_object_and_mismatch_errors(shards):
         other.load_state_dict(state)
 
 
+def test_state_of_another_world_size_keeps_the_mixture_and_starts_new_passes(shards, caplog):
+    ds = make(shards)
+    take(iter(ds), 300)
+    ds.set_weights([0.1, 0.2, 0.7])
+    take(iter(ds), 100)
+    state = ds.state_dict(400, True)
+    state["world_size"] = 4  # as if saved by a 4-rank run: 4 x 400 global samples
+    fresh = make(shards)
+    with caplog.at_level("WARNING", logger="composer_shear.data.mixer"):
+        fresh.load_state_dict(state)
+    assert "resuming a 4-rank data state on 1 ranks" in caplog.text
+    assert fresh.position == 1600  # the global sample count carries over
+    np.testing.assert_allclose(fresh.weights, [0.1, 0.2, 0.7])
+    assert fresh.domain_epochs.tolist() == [e + 1 for e in state["domain_epochs"]]
+    drawn = [s["domain_idx"] for s in take(iter(fresh), 2000)]
+    assert_matches_weights(drawn, [0.1, 0.2, 0.7])
+    # ... and its own states resume exactly from the new base.
+    mid = fresh.state_dict(3600, True)
+    assert mid["base"]["position"] == 1600
+    expected = [key(s) for s in take(iter(fresh), 300)]
+    again = make(shards)
+    again.load_state_dict(json.loads(json.dumps(mid)))
+    assert [key(s) for s in take(iter(again), 300)] == expected
+
+
+def test_version_1_state_resumes_its_position_weights_and_passes(shards):
+    """A state written before per-rank draws (every rank alike) becomes the replay base."""
+    ds = make(shards)
+    take(iter(ds), 500)
+    v2 = ds.state_dict(500, True)
+    v1 = {
+        "version": 1,
+        "domains": v2["domains"],
+        "mix_seed": v2["mix_seed"],
+        "world_size": 1,
+        "position": 500,
+        "weights": [0.3, 0.3, 0.4],
+        "initial_weights": v2["initial_weights"],
+        "pending_weights": [[600, [0.0, 1.0, 0.0]]],
+        "domain_epochs": v2["domain_epochs"],
+        "domain_consumed": v2["domain_consumed"],
+        "domain_counts": v2["domain_counts"],
+        "streaming": [{"epoch": 0, "sample_in_epoch": 0, **s} for s in v2["streaming"]],
+    }
+    fresh = make(shards)
+    fresh.load_state_dict(v1)
+    assert fresh.position == 500
+    np.testing.assert_allclose(fresh.weights, [0.3, 0.3, 0.4])
+    assert fresh.domain_epochs.tolist() == v2["domain_epochs"]
+    it = iter(fresh)
+    take(it, 100)
+    assert {s["domain_idx"] for s in take(it, 50)} == {1}  # the pending change applied at 600
+    assert fresh.state_dict()["base"]["position"] == 500
+
+
 def test_domain_readers_with_workers_give_the_same_stream(shards):
     plain = [key(s) for s in take(iter(make(shards)), 400)]
     workers = make(shards, num_workers=1, domain_batch_size=8)
