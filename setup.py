@@ -52,7 +52,7 @@ setup(
             "pruned_hf_export=composer_shear.callbacks.pruned_hf_export:PrunedHFExport",
         ],
         "llmfoundry_loggers": [
-            "jsonl_metrics=composer_shear.report:JSONLMetricsLogger",
+            "jsonl_metrics=composer_shear.report.metrics:JSONLMetricsLogger",
         ],
         "llmfoundry_dataloaders": [
             "multi_domain=composer_shear.data.builder:build_multi_domain_dataloader",

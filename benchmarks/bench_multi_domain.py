@@ -12,9 +12,10 @@ median round of each are reported. A round times ``--batches`` batches after a 1
 warm-up; the default of 500 batches (4,000 samples) keeps a round well above the 7 ms polling
 tick of Streaming's helper threads and the scheduling noise of a small machine.
 
-With local shards ``multi_domain`` reads each domain in the training thread
-(``_DomainDataset.iter_in_process``: Streaming's own partition, shuffle and resumption, minus
-its download/ready threads); the stock dataset keeps its threads, as users run it.
+With ``num_workers: 0`` ``multi_domain`` reads each rank's part of a domain's pass in the
+training thread (``_DomainDataset.rank_pass`` + ``get_item``: Streaming's own partition and
+shuffle, minus its download/ready threads); the stock dataset keeps its threads, as users run
+it.
 
 Usage::
 

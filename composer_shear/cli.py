@@ -12,8 +12,9 @@ from composer_shear import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    from composer_shear import demo, export, oneshot, real_model, reference_loss, report
+    from composer_shear import demo, export, oneshot, real_model, reference_loss
     from composer_shear.data import prep
+    from composer_shear.report import cli as report_cli
 
     parser = argparse.ArgumentParser(
         prog="composer-shear",
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     reference_loss.register_cli(subparsers)
     export.register_cli(subparsers)
     oneshot.register_cli(subparsers)
-    report.register_cli(subparsers)
+    report_cli.register_cli(subparsers)
     demo.register_cli(subparsers)
     return parser
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 
 import pytest
@@ -29,3 +31,23 @@ def smollm2_dir():
     from composer_shear.real_model import materialize_smollm2
 
     return materialize_smollm2()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_finished_trainings():
+    """Frees what each test module's in-process trainings hold, once the module is done.
+
+    Composer's ``Engine`` registers an ``atexit`` hook holding the training state (model,
+    data loaders, Streaming datasets and their shared-memory descriptors) until the process
+    exits, even after ``trainer.close()``. Closing the engines and dropping those hooks lets the
+    garbage collector free them, so that a test session does not accumulate descriptors and
+    passes under ``ulimit -n 1024``.
+    """
+    yield
+    from composer.core.engine import Engine
+
+    for obj in gc.get_objects():
+        if type(obj) is Engine:  # not isinstance: proxies in the heap warn on __class__
+            obj.close()
+            atexit.unregister(obj._close)
+    gc.collect()

@@ -447,35 +447,71 @@ def test_llmfoundry_resume_continues_exactly(foundry_inputs, tmp_path, caplog):
 
 MULTIPROCESS_SCRIPT = """
 import json, sys
+import numpy as np
+from composer import Callback
 from composer.utils import dist
+from llmfoundry import registry
 from llmfoundry.command_utils import train_from_yaml
 from composer_shear.callbacks import DynamicBatchLoading, find_domain_dataset
 
-yaml_path, out_dir, *args = sys.argv[1:]
-trainer = train_from_yaml(yaml_path, args)
+yaml_path, out_dir, ckpt_dir, *args = sys.argv[1:]
+batches = []
+
+
+class RecordBatches(Callback):
+    def after_dataloader(self, state, logger):
+        b = state.batch
+        batches.append([b["domain_idx"].tolist(), b["input_ids"].sum(dim=1).tolist()])
+
+
+registry.callbacks.register("record_batches", func=RecordBatches)
+save = [f"save_folder={ckpt_dir}", "save_interval=2ba", "save_overwrite=true"]
+trainer = train_from_yaml(yaml_path, [*args, *save, "callbacks.record_batches={}"])
 callback = next(c for c in trainer.state.callbacks if isinstance(c, DynamicBatchLoading))
 dataset = find_domain_dataset(trainer.state.train_dataloader)
-with open(f"{out_dir}/rank{dist.get_global_rank()}.json", "w") as f:
-    json.dump(
-        {
-            "world_size": dist.get_world_size(),
-            "history": callback.history,
-            "disagreements": callback.rank_disagreements,
-            "weights": dataset.weights.tolist(),
-            "counts": dataset.domain_counts.tolist(),
-        },
-        f,
-    )
+result = {
+    "world_size": dist.get_world_size(),
+    "history": callback.history,
+    "disagreements": callback.rank_disagreements,
+    "weights": dataset.weights.tolist(),
+    "counts": dataset.domain_counts.tolist(),
+    "batches": list(batches),
+}
 trainer.close()
+
+# Resume from rank 0's checkpoint at batch 4 (Composer gives every rank rank 0's data state).
+batches.clear()
+load = [f"load_path={ckpt_dir}/ep0-ba4-rank0.pt", "callbacks.record_batches={}"]
+resumed = train_from_yaml(yaml_path, [*args, *load])
+callback = next(c for c in resumed.state.callbacks if isinstance(c, DynamicBatchLoading))
+result["resumed_batches"] = list(batches)
+result["resumed_history"] = callback.history
+resumed_dataset = find_domain_dataset(resumed.state.train_dataloader)
+result["resumed_counts"] = resumed_dataset.domain_counts.tolist()
+resumed.close()
+
+# Many draws from the same (real) loader: every rank's domain sequence, before and after a
+# weight change that every rank makes at the same position.
+it = iter(dataset)
+draws = [next(it)["domain_idx"] for _ in range(1500)]
+dataset.set_weights([0.6, 0.3, 0.1])
+draws += [next(it)["domain_idx"] for _ in range(1500)]
+result["draws"] = draws
+with open(f"{out_dir}/rank{dist.get_global_rank()}.json", "w") as f:
+    json.dump(result, f)
 """
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_process_ranks_agree(foundry_inputs, tmp_path):
+def test_two_process_ranks_agree_on_weights_and_draw_independently(foundry_inputs, tmp_path):
+    """`composer -n 2`: identical weights, independent per-rank domain draws whose pooled
+    frequencies follow the weights, and an exact resume of both ranks from rank 0's state."""
     import os
     import subprocess
     import sys
+
+    from scipy.stats import chisquare
 
     data, model_dir = foundry_inputs
     script = tmp_path / "run_dbl.py"
@@ -486,9 +522,10 @@ def test_two_process_ranks_agree(foundry_inputs, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [str(composer), "-n", "2", "--stdout", str(tmp_path / "rank{rank}.out")]
     cmd += ["--stderr", str(tmp_path / "rank{rank}.err"), str(script), str(TINY_YAML), str(out)]
+    cmd += [str(tmp_path / "ckpt")]
     # Global batch 4 = 2 samples per rank per step; the YAML's microbatch sizes are per rank.
     cmd += overrides(data, model_dir, "device_train_microbatch_size=2", "device_eval_batch_size=2")
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.err")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -498,7 +535,34 @@ def test_two_process_ranks_agree(foundry_inputs, tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["disagreements"] == ranks[1]["disagreements"] == 0
-    # Same weights at the same positions: both ranks drew the same domain sequence.
-    assert ranks[0]["counts"] == ranks[1]["counts"]
     books = [r["weights"][1] for r in ranks[0]["history"]]
     assert books[0] > 1 / 3 and books[-1] > books[0]
+    # Each rank drew its own domains: 6 batches x 2 sequences, each rank 12 draws.
+    domains = [[d for b in r["batches"] for d in b[0]] for r in ranks]
+    assert len(domains[0]) == len(domains[1]) == 12
+    assert domains[0] != domains[1]
+    assert sum(ranks[0]["counts"]) == sum(ranks[1]["counts"]) == 12
+
+    # Resumed from rank 0's checkpoint at batch 4: both ranks see exactly batches 5 and 6 again.
+    for r in ranks:
+        assert r["resumed_batches"] == r["batches"][4:]
+        assert r["resumed_counts"] == r["counts"]
+        assert r["resumed_history"][:2] == r["history"][:2]
+        np.testing.assert_allclose(
+            r["resumed_history"][2]["weights"], r["history"][2]["weights"], rtol=1e-6
+        )
+
+    # 3,000 draws per rank: the ranks agree about as often as independent draws do (sum of
+    # w^2: identical draws would agree always), and the pooled frequencies follow the weights,
+    # before and after a change.
+    d0, d1 = (np.asarray(r["draws"]) for r in ranks)
+    for part, weights in (
+        (slice(0, 1500), ranks[0]["weights"]),
+        (slice(1500, 3000), [0.6, 0.3, 0.1]),
+    ):
+        agree = float(np.mean(d0[part] == d1[part]))
+        assert abs(agree - float(np.sum(np.square(weights)))) < 0.06, (agree, weights)
+        pooled = np.concatenate([d0[part], d1[part]])
+        observed = np.bincount(pooled, minlength=3)
+        expected = np.asarray(weights) * len(pooled)
+        assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected)

@@ -231,6 +231,61 @@ def test_load_state_dict_into_a_used_object_and_mismatch_errors(shards):
         other.load_state_dict(state)
 
 
+def test_state_of_another_world_size_keeps_the_mixture_and_starts_new_passes(shards, caplog):
+    ds = make(shards)
+    take(iter(ds), 300)
+    ds.set_weights([0.1, 0.2, 0.7])
+    take(iter(ds), 100)
+    state = ds.state_dict(400, True)
+    state["world_size"] = 4  # as if saved by a 4-rank run: 4 x 400 global samples
+    fresh = make(shards)
+    with caplog.at_level("WARNING", logger="composer_shear.data.mixer"):
+        fresh.load_state_dict(state)
+    assert "resuming a 4-rank data state on 1 ranks" in caplog.text
+    assert fresh.position == 1600  # the global sample count carries over
+    np.testing.assert_allclose(fresh.weights, [0.1, 0.2, 0.7])
+    assert fresh.domain_epochs.tolist() == [e + 1 for e in state["domain_epochs"]]
+    drawn = [s["domain_idx"] for s in take(iter(fresh), 2000)]
+    assert_matches_weights(drawn, [0.1, 0.2, 0.7])
+    # ... and its own states resume exactly from the new base.
+    mid = fresh.state_dict(3600, True)
+    assert mid["base"]["position"] == 1600
+    expected = [key(s) for s in take(iter(fresh), 300)]
+    again = make(shards)
+    again.load_state_dict(json.loads(json.dumps(mid)))
+    assert [key(s) for s in take(iter(again), 300)] == expected
+
+
+def test_version_1_state_resumes_its_position_weights_and_passes(shards):
+    """A state written before per-rank draws (every rank alike) becomes the replay base."""
+    ds = make(shards)
+    take(iter(ds), 500)
+    v2 = ds.state_dict(500, True)
+    v1 = {
+        "version": 1,
+        "domains": v2["domains"],
+        "mix_seed": v2["mix_seed"],
+        "world_size": 1,
+        "position": 500,
+        "weights": [0.3, 0.3, 0.4],
+        "initial_weights": v2["initial_weights"],
+        "pending_weights": [[600, [0.0, 1.0, 0.0]]],
+        "domain_epochs": v2["domain_epochs"],
+        "domain_consumed": v2["domain_consumed"],
+        "domain_counts": v2["domain_counts"],
+        "streaming": [{"epoch": 0, "sample_in_epoch": 0, **s} for s in v2["streaming"]],
+    }
+    fresh = make(shards)
+    fresh.load_state_dict(v1)
+    assert fresh.position == 500
+    np.testing.assert_allclose(fresh.weights, [0.3, 0.3, 0.4])
+    assert fresh.domain_epochs.tolist() == v2["domain_epochs"]
+    it = iter(fresh)
+    take(it, 100)
+    assert {s["domain_idx"] for s in take(it, 50)} == {1}  # the pending change applied at 600
+    assert fresh.state_dict()["base"]["position"] == 500
+
+
 def test_domain_readers_with_workers_give_the_same_stream(shards):
     plain = [key(s) for s in take(iter(make(shards)), 400)]
     workers = make(shards, num_workers=1, domain_batch_size=8)
@@ -271,23 +326,50 @@ def test_workers_in_the_outer_loader_are_refused(shards):
 # ----------------------------------------------------------------------------- two ranks
 
 
+N_RANK, SAVE_AT = 1200, 700  # draws per rank; the checkpoint position (after the change)
+CHANGE_AT, NEW_W = 600, [0.2, 0.2, 0.6]
+
+
 def _rank_main() -> None:
-    """Entry of one simulated rank (env vars RANK etc. set by the test)."""
-    shards, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    """Entry of one simulated rank (env vars RANK etc. set by the test).
+
+    ``straight``: draws ``N_RANK`` samples, changing the weights at ``CHANGE_AT`` as the
+    callback would on every rank, and saves the state at ``SAVE_AT`` (behind what was drawn,
+    as Composer's sample count is). ``resume STATE``: loads that state (rank 0's, as Composer
+    gives every rank) and draws the rest.
+    """
+    shards, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    # One process group for the whole run, as under Composer (otherwise Streaming creates and
+    # destroys one per dataset, on the same port, which flakes on a busy machine).
+    torch.distributed.init_process_group("gloo")
     ds = MultiDomainDataset(DOMAINS, shards, proportion=[0.5, 0.3, 0.2], max_seq_len=16)
     it = iter(ds)
-    seq = [key(s) for s in take(it, n // 2)]
-    ds.set_weights([0.2, 0.2, 0.6])  # the callback sets identical weights on every rank
-    seq += [key(s) for s in take(it, n - n // 2)]
-    state = ds.state_dict(2 * n, True)
-    Path(out).write_text(json.dumps({"seq": seq, "state": state}))
+    out_obj: dict = {}
+
+    def draws(n):
+        # (domain, pass of that domain on this rank, tokens...) of each sample.
+        out = []
+        for _ in range(n):
+            s = next(it)
+            d = s["domain_idx"]
+            out.append([d, int(ds.domain_epochs[d]), *key(s)[1:]])
+        return out
+
+    if mode == "straight":
+        seq = draws(CHANGE_AT)
+        ds.set_weights(NEW_W)
+        seq += draws(N_RANK - CHANGE_AT)
+        out_obj["state"] = ds.state_dict(2 * SAVE_AT, True)  # global samples, 2 ranks
+        out_obj["counts"] = ds.domain_counts.tolist()
+    else:
+        ds.load_state_dict(json.loads(Path(sys.argv[4]).read_text()))
+        seq = draws(N_RANK - SAVE_AT)
+    out_obj["seq"] = seq
+    Path(out).write_text(json.dumps(out_obj))
+    torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_draw_identical_domain_sequences(shards, tmp_path):
-    n = 400
-    # A private copy: Streaming's non-leader ranks find the leader's shared memory by local
-    # folder, and would otherwise find the datasets this test process holds on `shards`.
-    shards = Path(shutil.copytree(shards, tmp_path / "mds"))
+def _launch_two_ranks(tmp_path, name, *args):
     with socket.socket() as sock:  # Streaming sets up a gloo group from these variables
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -297,24 +379,58 @@ def test_two_ranks_draw_identical_domain_sequences(shards, tmp_path):
         env.update(LOCAL_WORLD_SIZE="2", NODE_RANK="0", PYTHONPATH=str(REPO))
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         code = "import sys; from tests.test_mixer import _rank_main; _rank_main()"
-        args = [sys.executable, "-c", code, str(shards), str(tmp_path / f"r{rank}.json"), str(n)]
+        out = tmp_path / f"{name}{rank}.json"
+        cmd = [sys.executable, "-c", code, str(tmp_path / "mds"), str(out), *args]
         # Logs go to files: a full pipe would stall one rank and the other at a barrier.
-        log = open(tmp_path / f"r{rank}.log", "wb")  # noqa: SIM115
-        procs.append((subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=log), log))
-    for rank, (p, log) in enumerate(procs):
-        p.wait(timeout=240)
-        log.close()
-        assert p.returncode == 0, (tmp_path / f"r{rank}.log").read_text()[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
-    d0 = [s[0] for s in r0["seq"]]
-    assert d0 == [s[0] for s in r1["seq"]]
-    assert_matches_weights(d0[: n // 2], [0.5, 0.3, 0.2])
-    # Each rank reads its own part of every domain: no sample on both ranks within a pass.
-    first_pass = [s for s in r0["seq"][:100]], [s for s in r1["seq"][:100]]
-    assert not set(map(tuple, first_pass[0])) & set(map(tuple, first_pass[1]))
-    # Both ranks save the same state; per-domain offsets are global (world x per-rank).
-    assert r0["state"] == r1["state"]
-    assert r0["state"]["position"] == n
-    assert [s["sample_in_epoch"] for s in r0["state"]["streaming"]] == [
-        2 * c for c in r0["state"]["domain_consumed"]
-    ]
+        log = open(tmp_path / f"{name}{rank}.log", "wb")  # noqa: SIM115
+        procs.append((subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log), log))
+    try:
+        for rank, (p, log) in enumerate(procs):
+            p.wait(timeout=240)
+            log.close()
+            assert p.returncode == 0, (tmp_path / f"{name}{rank}.log").read_text()[-3000:]
+    finally:  # one rank failing leaves the other waiting at a barrier: end both
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    return [json.loads((tmp_path / f"{name}{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_ranks_draw_independently_and_resume_from_rank0_state(shards, tmp_path):
+    # A private copy: Streaming's non-leader ranks find the leader's shared memory by local
+    # folder, and would otherwise find the datasets this test process holds on `shards`.
+    shutil.copytree(shards, tmp_path / "mds")
+    r0, r1 = _launch_two_ranks(tmp_path, "straight", "straight")
+    s0, s1 = r0["seq"], r1["seq"]
+    d0, d1 = [s[0] for s in s0], [s[0] for s in s1]
+    # Independent draws: the ranks agree at about sum(w^2) of the positions (0.38 for the
+    # initial weights), not at all of them.
+    agree = np.mean(np.equal(d0[:CHANGE_AT], d1[:CHANGE_AT]))
+    assert 0.25 < agree < 0.5, agree
+    # Every sequence of the global batch is a draw from the current weights.
+    assert_matches_weights(d0[:CHANGE_AT] + d1[:CHANGE_AT], [0.5, 0.3, 0.2])
+    assert_matches_weights(d0[CHANGE_AT:] + d1[CHANGE_AT:], NEW_W)
+    assert r0["counts"] != r1["counts"]
+    # Passes are per rank: within one pass of a domain no sample repeats on a rank, and the
+    # ranks' parts of a pass are disjoint. (Streaming pads a pass to a multiple of the world
+    # size by repeating samples: with 2 ranks, at most one sample of an odd-sized domain.)
+    parts = {}
+    for rank, seq in enumerate((s0, s1)):
+        for d, epoch, *tokens in seq:
+            parts.setdefault((rank, d, epoch), []).append(tuple(tokens))
+    assert max(e for _, _, e in parts) >= 2  # several passes of the small domains
+    for (rank, d, epoch), samples in parts.items():
+        assert len(samples) - len(set(samples)) <= 1, (rank, d, epoch)
+        if rank == 0 and (1, d, epoch) in parts:
+            assert len(set(samples) & set(parts[(1, d, epoch)])) <= 1
+
+    # Rank 0's state, given to both ranks, resumes both exactly (after a weight change,
+    # across pass boundaries, at a position behind what was drawn).
+    state = tmp_path / "rank0_state.json"
+    state.write_text(json.dumps(r0["state"]))
+    assert r0["state"]["position"] == SAVE_AT
+    resumed = _launch_two_ranks(tmp_path, "resumed", "resume", str(state))
+    assert resumed[0]["seq"] == s0[SAVE_AT:]
+    assert resumed[1]["seq"] == s1[SAVE_AT:]

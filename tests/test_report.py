@@ -15,8 +15,9 @@ from composer.core import Evaluator
 from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
-from composer_shear import report
 from composer_shear.report import JSONLMetricsLogger, build_report, read_metrics
+from composer_shear.report import markdown as markdown_module
+from composer_shear.report import metrics as metrics_module
 from tests.tiny_models import save_tiny_checkpoint, tiny_model
 
 DOMAINS = ["books", "code", "docs", "latex", "mail", "reference", "speeches"]
@@ -120,7 +121,7 @@ def test_logger_in_composer_trainer(tmp_path):
 
 
 def test_logger_writes_nothing_on_other_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(report.dist, "get_global_rank", lambda: 1)
+    monkeypatch.setattr(metrics_module.dist, "get_global_rank", lambda: 1)
     logger = JSONLMetricsLogger(str(tmp_path / "m" / "{run_name}.jsonl"))
     logger.init(SimpleNamespace(run_name="r"), None)
     logger.log_hyperparameters({"a": 1})
@@ -288,7 +289,7 @@ def test_build_report_full_run(tmp_path, model_dirs, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("generations should come from the cache")
 
-    monkeypatch.setattr(report, "generate_samples", fail)
+    monkeypatch.setattr(markdown_module, "generate_samples", fail)
     assert "`The capital of France is`" in build_report(run).read_text()
 
 

@@ -25,6 +25,8 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_shear.data.descriptors import bound_open_files
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DynamicBatchLoading", "doremi_update", "find_domain_dataset"]
@@ -181,6 +183,7 @@ class DynamicBatchLoading(Callback):
         self._round_losses: dict[str, float] = {}
         # Updates at which this rank's own result differed from rank 0's (should stay 0).
         self.rank_disagreements = 0
+        bound_open_files()  # before LLM Foundry builds the job's Streaming datasets
 
     # ------------------------------------------------------------------ helpers
 
@@ -309,8 +312,9 @@ class DynamicBatchLoading(Callback):
             "weights_before": before.tolist(),
             "weights": after.tolist(),
         }
-        # Rank 0 decides, so that every rank's mixture draws the same domain sequence even if
-        # some floating-point detail differed between ranks.
+        # Rank 0 decides, so that every rank holds bit-identical weights even if some
+        # floating-point detail differed between ranks: each rank draws its own domains from
+        # them, and a resumed rank replays its draws from this weight history.
         container = [record]
         dist.broadcast_object_list(container, src=0)
         local, record = record, container[0]

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from pathlib import Path
 
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_shear.data.descriptors import bound_open_files
 from composer_shear.export import DTYPES, export_model, find_gated_hf_model
+from composer_shear.output_paths import OutputPathError, check_output_dir
 
 __all__ = ["PrunedHFExport"]
 
 log = logging.getLogger(__name__)
+
+KEY = "callbacks.pruned_hf_export"
 
 
 def _full_params(model):
@@ -32,6 +37,12 @@ class PrunedHFExport(Callback):
     Rank 0 applies the deterministic masks, folds and slices (see
     :mod:`composer_shear.surgery`) and writes config, safetensors, tokenizer and generation
     config atomically; under FSDP the parameters are gathered to rank 0 first.
+
+    The export folders are checked at ``Event.INIT`` (creatable, writable, not a non-empty
+    folder unless ``overwrite``), so a bad ``save_folder`` stops the run before training. If
+    the final export still fails, the trained state is first saved as a Composer checkpoint
+    (next to the export folder, else in the temp folder) and the error says how to export it
+    with ``composer-shear export``. A failed periodic export is logged; training goes on.
 
     YAML::
 
@@ -67,9 +78,28 @@ class PrunedHFExport(Callback):
         self.dtype = DTYPES[dtype] if dtype else None
         self.overwrite = overwrite
         self.exported: list[Path] = []
+        bound_open_files()
 
     def _folder(self, state: State, suffix: str = "") -> Path:
         return Path(self.save_folder.format(run_name=state.run_name) + suffix)
+
+    def init(self, state: State, logger: Logger) -> None:
+        """Checks the export folder(s) before anything trains (rank 0 checks, every rank stops)."""
+        problem = None
+        if dist.get_global_rank() == 0:
+            try:
+                check_output_dir(self._folder(state), f"{KEY}.save_folder", self.overwrite)
+                if self.interval is not None:
+                    # Periodic exports go to siblings: <save_folder>_ba<N>.
+                    check_output_dir(
+                        self._folder(state, "_ba0"), f"{KEY}.save_folder (interval)", True
+                    )
+            except OutputPathError as e:
+                problem = str(e)
+        status = [problem]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise OutputPathError(status[0])
 
     def fit_start(self, state: State, logger: Logger) -> None:
         """Fails fast when there are no gates to export."""
@@ -79,32 +109,85 @@ class PrunedHFExport(Callback):
             )
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        """Periodic export."""
+        """Periodic export; a failure is logged and training goes on (the gates are intact)."""
         if self.interval is None:
             return
         batch = int(state.timestamp.batch)
         if batch % int(self.interval.value) == 0:
-            self._export(state, logger, self._folder(state, f"_ba{batch}"))
+            folder = self._folder(state, f"_ba{batch}")
+            error = self._export(state, logger, folder)
+            if error is not None:
+                log.error("pruned_hf_export: the export to %s failed: %s", folder, error)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        """Final export."""
-        self._export(state, logger, self._folder(state))
+        """Final export; if it fails, the trained state is saved as a checkpoint first."""
+        folder = self._folder(state)
+        error = self._export(state, logger, folder)
+        if error is None:
+            return
+        rescue, rescue_error = self._save_rescue_checkpoint(state, folder)
+        if rescue is not None:
+            raise RuntimeError(
+                f"pruned_hf_export: writing {folder} failed ({error}). The trained model is "
+                f"not lost: it was saved as the checkpoint {rescue}. Fix the problem, then "
+                f"run `composer-shear export {rescue} {folder}`."
+            )
+        raise RuntimeError(
+            f"pruned_hf_export: writing {folder} failed ({error}), and so did saving the "
+            f"trained state as a checkpoint ({rescue_error}); keep this run's regular "
+            "checkpoints (save_folder) and export one with `composer-shear export`."
+        )
 
-    def _export(self, state: State, logger: Logger, folder: Path) -> None:
-        error: Exception | None = None
+    def _export(self, state: State, logger: Logger, folder: Path) -> str | None:
+        """Exports on rank 0; returns rank 0's error message (on every rank), or ``None``."""
+        error: str | None = None
         with _full_params(state.model):
             if dist.get_global_rank() == 0:
                 try:
                     self._export_rank0(state, logger, folder)
-                except Exception as exc:  # re-raised below, after the other ranks know
-                    error = exc
+                except Exception as exc:  # reported below, after the other ranks know
+                    log.exception("pruned_hf_export: export to %s failed", folder)
+                    error = f"{type(exc).__name__}: {exc}"
         # Every rank learns whether rank 0 succeeded, so none waits forever on a failed export.
-        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        status = [error]
         dist.broadcast_object_list(status, src=0)
+        return status[0]
+
+    def _save_rescue_checkpoint(self, state: State, folder: Path) -> tuple[Path | None, str | None]:
+        """Writes a Composer checkpoint of the trained state where it can (all ranks call).
+
+        Candidates: next to the export folder, then the system temp folder. Returns the
+        checkpoint path (``None`` if none could be written) and the last error.
+        """
+        from composer.utils.checkpoint import save_checkpoint
+
+        name = f"{folder.name}-rescue-{state.run_name}"
+        choice: list[str | None] = [None]
+        errors: list[str] = []
+        if dist.get_global_rank() == 0:
+            for place in (folder.parent / name, Path(tempfile.gettempdir()) / name):
+                try:
+                    check_output_dir(place, "rescue checkpoint", overwrite=True)
+                except OutputPathError as e:
+                    errors.append(str(e))
+                    continue
+                choice[0] = str(place)
+                break
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None, errors[-1] if errors else "no writable location"
+        filename = str(Path(choice[0]) / "ep{epoch}-ba{batch}-rank{rank}.pt")
+        saved, error = None, None
+        try:
+            saved = save_checkpoint(state, filename)
+        except Exception as e:  # reported with the export error
+            error = f"{type(e).__name__}: {e}"
+        outcome = [(None if saved is None else str(saved), error)]
+        dist.broadcast_object_list(outcome, src=0)
+        saved, error = outcome[0]
         if error is not None:
-            raise error
-        if status[0] is not None:
-            raise RuntimeError(f"pruned_hf_export failed on rank 0: {status[0]}")
+            return None, error
+        return (Path(saved) if saved else Path(choice[0])), None
 
     def _export_rank0(self, state: State, logger: Logger, folder: Path) -> None:
         hf_model = find_gated_hf_model(state.model)

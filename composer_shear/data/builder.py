@@ -13,9 +13,16 @@ YAML (``train_loader`` or each entry of an ``eval_loader`` list)::
         max_seq_len: 2048
         shuffle: true
         shuffle_seed: 17
+        mix_seed: 17                 # optional: seed of the per-rank domain draws
+        verify_hashes: false         # optional: also check shard content hashes at build
       drop_last: true
       num_workers: 0                 # workers per *domain* reader; mixing stays in-process
                                      # (0 with local shards: read in the training thread)
+
+At build time every local domain split is checked: shards listed in ``index.json`` exist, have
+the recorded sizes and consistent headers (``verify_hashes`` also compares the content hashes
+``composer-shear tokenize`` records, reading every byte); a bad shard is an error naming the
+domain, the file and the fix.
 
 Batches hold ``input_ids``, ``attention_mask``, ``labels`` (= ``input_ids``; Hugging Face
 models shift them) and ``domain_idx`` (Composer's ``HuggingFaceModel`` passes only the
@@ -37,6 +44,7 @@ import torch
 from composer.core import DataSpec
 from torch.utils.data import DataLoader
 
+from composer_shear.data.descriptors import bound_open_files
 from composer_shear.data.mixer import MultiDomainDataset, split_path
 from composer_shear.data.prep import read_split_meta
 
@@ -48,7 +56,7 @@ REQUIRED_KEYS = ("local", "domains", "max_seq_len")
 DATASET_KEYS = {"local", "remote", "split", "domains", "proportion", "max_seq_len"}
 DATASET_KEYS |= {"shuffle", "shuffle_seed"}
 # Optional extras, passed through to the mixer or to each domain's StreamingDataset.
-EXTRA_KEYS = {"mix_seed", "domain_batch_size"}
+EXTRA_KEYS = {"mix_seed", "domain_batch_size", "verify_hashes"}
 STREAMING_KEYS = {
     "predownload",
     "cache_limit",
@@ -226,6 +234,8 @@ def build_multi_domain_dataloader(
             log.warning("multi_domain: proportion is ignored for split %r (single pass)", split)
     local, remote = str(cfg["local"]), cfg.get("remote")
 
+    verify_hashes = bool(cfg.get("verify_hashes", False))
+    bound_open_files()
     dtypes = set()
     if remote is None:  # with a remote the shards arrive later; Streaming checks them then
         for d in domains:
@@ -246,6 +256,7 @@ def build_multi_domain_dataloader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         domain_batch_size=int(cfg.get("domain_batch_size", max(batch_size, 1))),
         token_dtype=token_dtype,
+        verify_hashes=verify_hashes,
         streaming_kwargs={k: v for k, v in cfg.items() if k in STREAMING_KEYS},
     )
     if persistent_workers and num_workers > 0:

@@ -11,7 +11,8 @@ Each sample is one ``tokens`` column holding exactly ``max_seq_len`` token ids, 
 datasets read such a folder unchanged for continued pre-training (its ``StreamingTextDataset``
 casts an ``ndarray`` ``tokens`` column to int64). ``tokens_meta.json`` records the dtype, the
 sample length and the tokenizer's vocabulary size so that the ``multi_domain`` loader can
-check a config against the shards at build time.
+check a config against the shards at build time; ``index.json`` records each shard's size and
+``xxh3_64`` hash, which the loader checks (:mod:`composer_shear.data.verify`).
 
 Input: either a folder with one subfolder per domain holding ``.txt`` / ``.jsonl`` files, or
 one ``.jsonl`` file whose lines carry a ``domain`` field. A domain folder holding a
@@ -55,6 +56,8 @@ __all__ = [
 SPLITS = ("train", "eval")
 META_FILE = "tokens_meta.json"
 SUMMARY_FILE = "summary.json"
+# Content hash of each shard, recorded in index.json (a fast non-cryptographic hash).
+SHARD_HASHES = ("xxh3_64",)
 FORMAT_VERSION = 1
 # Unsigned first: they double the range at the same width; int32 is what LLM Foundry's own
 # converter writes, kept as an explicit choice for compatibility.
@@ -287,7 +290,10 @@ def _write_split(
     buffer: list[int] = []
     counts = {"documents": 0, "samples": 0, "tokens": 0, "dropped_tokens": 0}
     with MDSWriter(
-        out=str(out_dir), columns={"tokens": f"ndarray:{dtype}:{max_seq_len}"}, compression=None
+        out=str(out_dir),
+        columns={"tokens": f"ndarray:{dtype}:{max_seq_len}"},
+        compression=None,
+        hashes=list(SHARD_HASHES),  # recorded in index.json; `verify_hashes` checks them
     ) as writer:
         for ids in _token_stream(tokenizer, docs, eos_id):
             counts["documents"] += 1
