@@ -122,3 +122,35 @@ def test_init_activation_needs_data(tiny_tokenizer_dir, tmp_path):
     model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
     with pytest.raises(ValueError, match="init_data"):
         run_prune(model_dir, data_dir, "max_duration=1ba", *INIT)
+
+
+def test_multi_domain_loader_supplies_the_calibration_data(tiny_tokenizer_dir, tmp_path):
+    """With the multi_domain train loader, init_data defaults to its folder and domains."""
+    from llmfoundry.command_utils import train_from_yaml
+
+    from tests.pruning_helpers import REPO
+
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    trainer = train_from_yaml(
+        str(REPO / "yamls" / "tests" / "dynamic_batch_loading_tiny.yaml"),
+        [
+            f"variables.data_local={data_dir}",
+            f"variables.model_dir={model_dir}",
+            "max_duration=1ba",
+            "callbacks.start_recorder={}",
+            "algorithms.targeted_pruning.target_shape.intermediate_size=48",
+            "algorithms.targeted_pruning.target_shape.num_key_value_heads=1",
+            *INIT,
+        ],
+    )
+    gates = gates_of(trainer)
+    trainer.close()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    # The YAML's train domains, max_seq_len 32, microbatch 2, seed 0.
+    batches = calibration_batches(data_dir, 512, 32, 2, domains=["code", "books", "docs"], seed=0)
+    scores = unit_scores(collect_importance(model, batches), gates.source)
+    expected = keep_masks_from_scores(scores, gates.source, gates.target)
+    rec = StartRecorder.last
+    assert set(rec.masks) == {"kv_heads", "intermediate"}
+    for name, mask in expected.items():
+        assert torch.equal(rec.masks[name], mask), name
