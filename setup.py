@@ -46,6 +46,7 @@ setup(
         "console_scripts": ["composer-shear=composer_shear.cli:main"],
         "llmfoundry_algorithms": [
             "targeted_pruning=composer_shear.pruning:TargetedPruning",
+            "knowledge_distillation=composer_shear.distillation:KnowledgeDistillation",
         ],
         "llmfoundry_callbacks": [
             "dynamic_batch_loading=composer_shear.callbacks.dynamic_batch_loading:DynamicBatchLoading",

@@ -36,7 +36,13 @@ FOLDER_FIXTURES = {
     "qwen2-7b": "Qwen2-7B",
     "smollm2": "SmolLM2-135M",
 }
-OUR_COMPONENTS = {"targeted_pruning", "dynamic_batch_loading", "pruned_hf_export", "multi_domain"}
+OUR_COMPONENTS = {
+    "targeted_pruning",
+    "knowledge_distillation",
+    "dynamic_batch_loading",
+    "pruned_hf_export",
+    "multi_domain",
+}
 # `<role>: <anything> — N params, M non-embedding`, then a line of `key=value` dimensions.
 COUNT_LINE = re.compile(
     r"^#\s*(?P<role>source|target)\b[^\n]*?(?P<total>\d[\d,]*) params, "
@@ -78,6 +84,10 @@ class Recipe:
     @property
     def pruning(self) -> dict[str, Any] | None:
         return (self.cfg.get("algorithms") or {}).get("targeted_pruning")
+
+    @property
+    def distillation(self) -> dict[str, Any] | None:
+        return (self.cfg.get("algorithms") or {}).get("knowledge_distillation")
 
     @property
     def callbacks(self) -> dict[str, Any]:
@@ -217,11 +227,13 @@ def check_components(recipe: Recipe) -> None:
 
     from composer_shear.callbacks.dynamic_batch_loading import DynamicBatchLoading
     from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
+    from composer_shear.distillation import KnowledgeDistillation
     from composer_shear.pruning import TargetedPruning
 
     cfg = recipe.cfg
     ours = {
         "targeted_pruning": TargetedPruning,
+        "knowledge_distillation": KnowledgeDistillation,
         "dynamic_batch_loading": DynamicBatchLoading,
         "pruned_hf_export": PrunedHFExport,
     }
@@ -278,10 +290,11 @@ def check_components(recipe: Recipe) -> None:
 
 
 def check_registry_names() -> None:
-    """LLM Foundry's registries resolve our four names (entry points installed)."""
+    """LLM Foundry's registries resolve our names (entry points installed)."""
     from llmfoundry import registry
 
     assert registry.algorithms.get("targeted_pruning").__name__ == "TargetedPruning"
+    assert registry.algorithms.get("knowledge_distillation").__name__ == "KnowledgeDistillation"
     assert registry.callbacks.get("dynamic_batch_loading").__name__ == "DynamicBatchLoading"
     assert registry.callbacks.get("pruned_hf_export").__name__ == "PrunedHFExport"
     assert callable(registry.dataloaders.get("multi_domain"))
@@ -400,12 +413,29 @@ def check_pruning_eval(recipe: Recipe) -> None:
         raise RecipeError(f"{recipe.name}: targeted_pruning.eval_at is {eval_at!r}, not expected")
 
 
+def check_distillation(recipe: Recipe) -> None:
+    """A KD teacher is the source model: ``source`` while pruning, a model path in CPT."""
+    kd = recipe.distillation
+    if kd is None:
+        return
+    teacher = str(kd.get("teacher", "source"))
+    if recipe.pruning is None and teacher == "source":
+        raise RecipeError(
+            f"{recipe.name}: knowledge_distillation.teacher=source without targeted_pruning "
+            "distils the model into itself; give the unpruned source model's directory / name"
+        )
+    model_path = recipe.cfg["model"]["pretrained_model_name_or_path"]
+    if recipe.pruning is None and teacher == model_path:
+        raise RecipeError(f"{recipe.name}: the KD teacher is the model being trained")
+
+
 CHECKS = (
     check_train_config,
     check_components,
     check_target_shape,
     check_domains,
     check_pruning_eval,
+    check_distillation,
 )
 
 # ------------------------------------------------------------------------------------- tests
@@ -525,6 +555,36 @@ def test_header_without_counts_is_caught():
     )
     with pytest.raises(RecipeError, match="header needs"):
         check_target_shape(recipe)
+
+
+def test_kd_recipes_exist_for_both_stages():
+    kd = {p.relative_to(YAML_ROOT).as_posix() for p in RECIPES if load_recipe(p).distillation}
+    assert {
+        "smollm2/prune_kd.yaml",
+        "smollm2/cpt_kd.yaml",
+        "llama2-7b/prune_2.7b_kd.yaml",
+        "llama2-7b/cpt_2.7b_kd.yaml",
+    } <= kd
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [("source", "distils the model into itself"), (None, "model being trained")],
+)
+def test_cpt_distilling_itself_is_caught(teacher, message):
+    recipe = load_recipe(YAML_ROOT / "llama2-7b" / "cpt_2.7b_kd.yaml")
+    check_distillation(recipe)
+    kd = recipe.cfg["algorithms"]["knowledge_distillation"]
+    kd["teacher"] = teacher or recipe.cfg["model"]["pretrained_model_name_or_path"]
+    with pytest.raises(RecipeError, match=message):
+        check_distillation(recipe)
+
+
+def test_bad_kd_option_is_caught():
+    recipe = load_recipe(YAML_ROOT / "llama2-7b" / "prune_2.7b_kd.yaml")
+    recipe.cfg["algorithms"]["knowledge_distillation"]["alpha"] = 2.0
+    with pytest.raises(ValueError, match=r"knowledge_distillation\.alpha"):
+        check_components(recipe)
 
 
 def test_cpt_pointing_elsewhere_is_caught():

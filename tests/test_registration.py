@@ -7,6 +7,7 @@ from composer_shear import __version__
 from composer_shear.callbacks.dynamic_batch_loading import DynamicBatchLoading
 from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
 from composer_shear.data.builder import build_multi_domain_dataloader
+from composer_shear.distillation import KnowledgeDistillation
 from composer_shear.pruning import TargetedPruning
 from composer_shear.report.metrics import JSONLMetricsLogger
 
@@ -27,6 +28,7 @@ loggers:
     "registry, name, obj",
     [
         ("algorithms", "targeted_pruning", TargetedPruning),
+        ("algorithms", "knowledge_distillation", KnowledgeDistillation),
         ("callbacks", "dynamic_batch_loading", DynamicBatchLoading),
         ("callbacks", "pruned_hf_export", PrunedHFExport),
         ("dataloaders", "multi_domain", build_multi_domain_dataloader),
