@@ -45,6 +45,9 @@ from composer_shear.demo import (  # noqa: E402
 )
 
 SETTINGS = Path(__file__).with_name("quality.yaml")
+# `kd: true` methods train with the KD variants of the two recipes (teacher: the source model).
+PRUNE_KD_YAML = PRUNE_YAML.with_name("prune_kd.yaml")
+CPT_KD_YAML = CPT_YAML.with_name("cpt_kd.yaml")
 
 
 def log(message: str) -> None:
@@ -126,7 +129,9 @@ def run_method(
         f"seed={seed}",
     ]
     route = spec["route"]
-    prune_steps = round(steps * cfg["prune_fraction"]) if route == "learned" else 0
+    kd = bool(spec.get("kd", False))
+    prune_fraction = spec.get("prune_fraction", cfg["prune_fraction"])
+    prune_steps = round(steps * prune_fraction) if route == "learned" else 0
     cpt_steps = steps - prune_steps
     pruned = run_dir / "models" / "pruned"
     times: dict[str, float] = {}
@@ -134,7 +139,7 @@ def run_method(
     if route == "learned":
         log(f"  [{name}] pruning {prune_steps} steps")
         _llmfoundry_train(
-            PRUNE_YAML,
+            PRUNE_KD_YAML if kd else PRUNE_YAML,
             [
                 f"variables.model_dir={source}",
                 f"variables.steps={prune_steps}",
@@ -169,8 +174,12 @@ def run_method(
     cpt_overrides = [f"variables.model_dir={pruned}", f"variables.steps={cpt_steps}", *common]
     if route == "scratch":
         cpt_overrides.append("model.pretrained=false")
+    if kd:
+        cpt_overrides.append(f"variables.teacher_dir={source}")
     _llmfoundry_train(
-        CPT_YAML, [*cpt_overrides, *spec.get("cpt", [])], run_dir / "logs" / "cpt.log"
+        CPT_KD_YAML if kd else CPT_YAML,
+        [*cpt_overrides, *spec.get("cpt", [])],
+        run_dir / "logs" / "cpt.log",
     )
     times["cpt"] = time.perf_counter() - start
     final_dir = run_dir / "models" / "cpt" / "huggingface" / "final"
@@ -188,10 +197,11 @@ def run_method(
         "label": spec.get("label", name),
         "seed": seed,
         "steps": {"prune": prune_steps, "cpt": cpt_steps},
+        "kd": kd,
         "tokens": {"prune": prune_steps * tokens_per_step, "cpt": cpt_steps * tokens_per_step},
-        "calibration_tokens": 0 if route in ("scratch",) or (
-            route == "oneshot" and spec.get("importance") == "random"
-        ) else cfg["calibration_tokens"],
+        "calibration_tokens": 0
+        if route in ("scratch",) or (route == "oneshot" and spec.get("importance") == "random")
+        else cfg["calibration_tokens"],
         "before_cpt": before,
         "after_cpt": after,
         "curve": curve,
