@@ -26,6 +26,7 @@ __all__ = [
     "TEMPERATURE",
     "HardConcreteGate",
     "check_init_log_alpha",
+    "check_log_alpha_range",
     "descending_ranks",
     "top_k_mask",
 ]
@@ -42,17 +43,39 @@ _QUADRATURE = 512
 _LOG_RATIO = math.log(-LIMIT_LEFT / LIMIT_RIGHT)
 
 
-def check_init_log_alpha(value: float, init_std: float = 0.0) -> None:
+def check_log_alpha_range(log_alpha_range: tuple[float, float]) -> tuple[float, float]:
+    """Validates a ``(min, max)`` clamp range of log-alpha and returns it as floats.
+
+    Raises:
+        ValueError: not two numbers with ``min < 0 < max``.
+    """
+    try:
+        low, high = (float(v) for v in log_alpha_range)
+    except (TypeError, ValueError):
+        message = f"log_alpha_range={log_alpha_range!r} must be two numbers [min, max]"
+        raise ValueError(message) from None
+    if not low < 0.0 < high:
+        raise ValueError(
+            f"log_alpha_range={[low, high]} must satisfy min < 0 < max (the paper's range is "
+            f"[{LOG_ALPHA_MIN:.3f}, {LOG_ALPHA_MAX:.3f}], i.e. [log 1e-2, log 1e2])."
+        )
+    return low, high
+
+
+def check_init_log_alpha(
+    value: float, log_alpha_range: tuple[float, float] = (LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+) -> None:
     """Rejects an initial log-alpha outside the clamp range (its noise would be erased).
 
     Raises:
-        ValueError: ``value`` is outside ``[log 1e-2, log 1e2]``.
+        ValueError: ``value`` is outside ``log_alpha_range``.
     """
-    if not LOG_ALPHA_MIN <= float(value) <= LOG_ALPHA_MAX:
+    low, high = check_log_alpha_range(log_alpha_range)
+    if not low <= float(value) <= high:
         raise ValueError(
-            f"init_log_alpha={value} is outside the clamp range [{LOG_ALPHA_MIN:.3f}, "
-            f"{LOG_ALPHA_MAX:.3f}]: it would be clamped to a constant, erasing the "
-            "symmetry-breaking noise, and ties would decide the first masks. Use e.g. 4.0."
+            f"init_log_alpha={value} is outside the clamp range [{low:.3f}, {high:.3f}]: it "
+            "would be clamped to a constant, erasing the symmetry-breaking noise, and ties "
+            "would decide the first masks. Use e.g. 4.0."
         )
 
 
@@ -91,6 +114,10 @@ class HardConcreteGate(nn.Module):
         init_std: Std of the symmetry-breaking noise added to ``init_log_alpha``.
         seed: Seed of that noise; identical on every rank so that ranks agree.
         device: Where to allocate (``meta`` for FSDP's deferred init).
+        log_alpha_range: ``(min, max)`` log-alpha is clamped to after every step. The default
+            is the paper's ``[log 1e-2, log 1e2]``, where even the most confident unit is
+            sampled below 1 in ~5% of steps; a wider range lets a unit become (almost)
+            deterministic, which matters for units whose loss is catastrophic (README).
     """
 
     def __init__(
@@ -101,11 +128,13 @@ class HardConcreteGate(nn.Module):
         init_std: float = 0.01,
         seed: int = 0,
         device: torch.device | str | None = None,
+        log_alpha_range: tuple[float, float] = (LOG_ALPHA_MIN, LOG_ALPHA_MAX),
     ):
         super().__init__()
         if not 0 < keep <= shape[-1]:
             raise ValueError(f"keep={keep} must be in [1, {shape[-1]}]")
-        check_init_log_alpha(init_log_alpha)
+        check_init_log_alpha(init_log_alpha, log_alpha_range)
+        self.log_alpha_min, self.log_alpha_max = check_log_alpha_range(log_alpha_range)
         self.shape = tuple(shape)
         self.keep = int(keep)
         self.init_log_alpha = float(init_log_alpha)
@@ -123,7 +152,7 @@ class HardConcreteGate(nn.Module):
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.shape, generator=generator) * self.init_std
         with torch.no_grad():
-            value = (noise + self.init_log_alpha).clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+            value = (noise + self.init_log_alpha).clamp_(self.log_alpha_min, self.log_alpha_max)
             self.log_alpha.copy_(value)
             self.lambda_1.zero_()
             self.lambda_2.zero_()
@@ -245,13 +274,17 @@ class HardConcreteGate(nn.Module):
         """Overwrites log-alpha (clamped into range), e.g. from importance scores."""
         if tuple(values.shape) != self.shape:
             raise ValueError(f"log-alpha of shape {tuple(values.shape)}, expected {self.shape}")
-        self.log_alpha.copy_(values.to(self.log_alpha).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
+        values = values.to(self.log_alpha).clamp(self.log_alpha_min, self.log_alpha_max)
+        self.log_alpha.copy_(values)
 
     @torch.no_grad()
     def clamp_(self) -> None:
         """Clamps log-alpha into its allowed range (call after each optimizer step)."""
-        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        self.log_alpha.clamp_(self.log_alpha_min, self.log_alpha_max)
 
     def extra_repr(self) -> str:
         """Shape and keep count, for ``print(model)``."""
-        return f"shape={self.shape}, keep={self.keep}"
+        return (
+            f"shape={self.shape}, keep={self.keep}, "
+            f"log_alpha_range=[{self.log_alpha_min:.3f}, {self.log_alpha_max:.3f}]"
+        )
