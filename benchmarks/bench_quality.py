@@ -236,8 +236,10 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
         befores = [statistics.fmean(r["before_cpt"].values()) for r in records if r["before_cpt"]]
         tokens = records[0]["tokens"]
         seconds = statistics.fmean(sum(r["seconds"].values()) for r in records)
+        # The settings' current label wins, so that relabelling needs no rerun.
+        label = cfg["methods"].get(name, {}).get("label", records[0]["label"])
         rows.append([
-            records[0]["label"],
+            label,
             f"{tokens['prune'] + tokens['cpt']:,} ({tokens['prune']:,} + {tokens['cpt']:,})",
             f"**{stat(means)}**",
             *per_domain,
@@ -262,7 +264,8 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
     for name in order:
         record = results[name][0]
         xs, ys = zip(*record["curve"], strict=True) if record["curve"] else ((), ())
-        ax.plot(xs, ys, marker="o", markersize=3, label=record["label"])
+        label = cfg["methods"].get(record["method"], {}).get("label", record["label"])
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.axhline(statistics.fmean(reference.values()), color="grey", ls=":", label="source model")
     ax.set_xlabel("training tokens (pruning + CPT)")
     ax.set_ylabel(f"mean eval loss over {len(domains)} domains")
