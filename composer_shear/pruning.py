@@ -268,7 +268,7 @@ class TargetedPruning(Algorithm):
         if log_alpha_range is None:
             log_alpha_range = (LOG_ALPHA_MIN, LOG_ALPHA_MAX)
         try:
-            self.log_alpha_range = check_log_alpha_range(tuple(log_alpha_range))
+            self.log_alpha_range = check_log_alpha_range(log_alpha_range)
         except ValueError as error:
             raise ValueError(f"targeted_pruning.{error}") from None
         check_init_log_alpha(init_log_alpha, self.log_alpha_range)

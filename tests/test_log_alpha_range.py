@@ -88,6 +88,8 @@ def test_bad_ranges_name_the_setting():
         TargetedPruning(TARGET, log_alpha_range=[1.0, 5.0])
     with pytest.raises(ValueError, match=r"targeted_pruning\.log_alpha_range.*two numbers"):
         TargetedPruning(TARGET, log_alpha_range=[1.0])
+    with pytest.raises(ValueError, match=r"targeted_pruning\.log_alpha_range.*two numbers"):
+        TargetedPruning(TARGET, log_alpha_range=10)
     with pytest.raises(ValueError, match=r"init_log_alpha=8\.0 is outside the clamp range"):
         TargetedPruning(TARGET, init_log_alpha=8.0)
     algorithm = TargetedPruning(TARGET, init_log_alpha=8.0, log_alpha_range=[-10, 10])
