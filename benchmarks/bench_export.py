@@ -13,12 +13,11 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
+from peak_rss import PeakRSS
 from transformers import AutoModelForCausalLM
 
 from composer_shear.export import export_model
@@ -36,24 +35,11 @@ TARGET = dict(
 
 def measure(fn) -> tuple[float, int]:
     """(seconds, peak RSS growth in bytes) of ``fn()``."""
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    done.set()
-    thread.join()
-    return seconds, max(peak[0], process.memory_info().rss) - base
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    return seconds, rss.peak - rss.rest
 
 
 def main() -> None:

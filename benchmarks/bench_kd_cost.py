@@ -20,12 +20,11 @@ import statistics
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
+from peak_rss import PeakRSS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from composer_shear.distillation import add_distillation_loss, forward_kl, predicted_positions
@@ -112,22 +111,10 @@ def memory_child(args) -> None:
     """Runs one set-up's steps and prints its resting and peak RSS (JSON) for the parent."""
     tokenizer, steps, _ = build((args.memory_child,), args.alpha)
     batches = text_batches(tokenizer, args.batch, args.seq_len, args.memory_steps)
-    process = psutil.Process()
-    rest = process.memory_info().rss
-    peak, done = [rest], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for ids in batches:
-        steps[args.memory_child](ids)
-    done.set()
-    thread.join()
-    print(json.dumps({"rest": rest, "peak": max(peak[0], process.memory_info().rss)}))
+    with PeakRSS() as rss:
+        for ids in batches:
+            steps[args.memory_child](ids)
+    print(json.dumps({"rest": rss.rest, "peak": rss.peak}))
 
 
 def measure_memory(args) -> dict[str, dict[str, int]]:
