@@ -9,6 +9,12 @@ sparsity constraint, so "one Lagrangian term per shrinking dimension" is one mod
 This is where gates are sampled (:meth:`HardConcreteGate.sample`), where their expected L0 is
 computed (:meth:`HardConcreteGate.prob_nonzero`) and where the deterministic evaluation masks
 that keep exactly the target count come from (:meth:`HardConcreteGate.deterministic`).
+
+A gate can also be *hardened* (:meth:`HardConcreteGate.harden_`): its deterministic target
+values are frozen into the buffer ``hard_value`` and from then on it is no longer a random
+variable. Training, evaluation and export all use the frozen values, so the model trained
+after that point is exactly the model export writes (the ``harden_at`` option of
+``targeted_pruning``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ __all__ = [
     "LIMIT_RIGHT",
     "LOG_ALPHA_MAX",
     "LOG_ALPHA_MIN",
+    "NOT_HARDENED",
     "TEMPERATURE",
     "HardConcreteGate",
     "check_init_log_alpha",
@@ -37,6 +44,8 @@ TEMPERATURE = 2.0 / 3.0
 # log-alpha is clamped after every optimizer step, as in the Sheared-LLaMA recipe.
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)
 _EPS = 1e-6
+# Fill value of ``hard_value`` while a gate is not hardened (hardened values lie in [0, 1]).
+NOT_HARDENED = -1.0
 # Quadrature points of E[z] (see HardConcreteGate.expected_value).
 _QUADRATURE = 512
 # log(-l/r): shifts log-alpha so that sigmoid(.) is the probability of a non-zero gate.
@@ -144,6 +153,10 @@ class HardConcreteGate(nn.Module):
         # Multipliers of lambda_1 * (s - t) + lambda_2 * (s - t)^2, trained by gradient ascent.
         self.lambda_1 = nn.Parameter(torch.zeros((), device=device))
         self.lambda_2 = nn.Parameter(torch.zeros((), device=device))
+        # Frozen gate values once hardened (NOT_HARDENED before). A persistent buffer, so a
+        # checkpoint taken after hardening resumes hardened; older checkpoints without it load
+        # as not hardened (see _load_from_state_dict).
+        self.register_buffer("hard_value", torch.full(self.shape, NOT_HARDENED, device=device))
         if self.log_alpha.device.type != "meta":
             self.reset_parameters()
 
@@ -156,6 +169,35 @@ class HardConcreteGate(nn.Module):
             self.log_alpha.copy_(value)
             self.lambda_1.zero_()
             self.lambda_2.zero_()
+            self.hard_value.fill_(NOT_HARDENED)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before hardening existed have no hard_value: not hardened.
+        key = prefix + "hard_value"
+        if key not in state_dict:
+            state_dict[key] = torch.full(self.shape, NOT_HARDENED)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def hardened(self) -> bool:
+        """True once :meth:`harden_` froze the gate at its target values."""
+        return bool((self.hard_value >= 0).all())
+
+    @torch.no_grad()
+    def harden_(self, binary: bool = False) -> None:
+        """Freezes the gate at its deterministic target values (:meth:`deterministic`).
+
+        Args:
+            binary: Freeze the 0/1 target mask instead (hidden gates, which are binary at
+                evaluation and export).
+
+        From then on :meth:`sample` returns those values (no noise), :meth:`prob_nonzero` is
+        the 0/1 keep mask (so the expected shape *is* the target) and the log-alphas and
+        multipliers get no gradient. Every rank computes the same values from the same
+        log-alphas.
+        """
+        values = self.deterministic_keep_mask() if binary else self.deterministic()
+        self.hard_value.copy_(values.to(self.hard_value))
 
     @property
     def num_units(self) -> int:
@@ -173,6 +215,8 @@ class HardConcreteGate(nn.Module):
         Args:
             generator: Source of the uniform noise (the global RNG when None).
         """
+        if self.hardened:
+            return self.hard_value.float()
         # fp32 even when FSDP mixed precision hands us low-precision parameters: bf16 would
         # round the noise and the stretch.
         log_alpha = self.log_alpha.float()
@@ -184,7 +228,12 @@ class HardConcreteGate(nn.Module):
         return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
     def prob_nonzero(self) -> torch.Tensor:
-        """P(z != 0) per unit: the expected L0 norm, differentiable in log-alpha."""
+        """P(z != 0) per unit: the expected L0 norm, differentiable in log-alpha.
+
+        Once hardened, the 0/1 keep mask (the gate is deterministic; no gradient).
+        """
+        if self.hardened:
+            return (self.hard_value > 0).float()
         return torch.sigmoid(self.log_alpha.float() - TEMPERATURE * _LOG_RATIO)
 
     def expected_sparsity(self) -> torch.Tensor:
@@ -242,7 +291,10 @@ class HardConcreteGate(nn.Module):
 
         Args:
             keep: Units to keep per row (an int, or one count per row); default the target.
+                Ignored once hardened: the frozen target values are returned.
         """
+        if self.hardened:
+            return self.hard_value.float()
         log_alpha = self.log_alpha.detach().float()
         median = (torch.sigmoid(log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
         value = torch.maximum(median, self.expected_value())
@@ -254,8 +306,11 @@ class HardConcreteGate(nn.Module):
 
         Args:
             keep: Units to keep per row: an int (the same in every row), a tensor of shape
-                ``shape[:-1]`` (one count per row), or None for the target.
+                ``shape[:-1]`` (one count per row), or None for the target. Ignored once
+                hardened: the frozen target mask is returned.
         """
+        if self.hardened:
+            return self.hard_value > 0
         keep = self.keep if keep is None else keep
         return top_k_mask(self.log_alpha.detach().float(), keep)
 
@@ -287,4 +342,5 @@ class HardConcreteGate(nn.Module):
         return (
             f"shape={self.shape}, keep={self.keep}, "
             f"log_alpha_range=[{self.log_alpha_min:.3f}, {self.log_alpha_max:.3f}]"
+            + (", hardened" if self.hardened else "")
         )

@@ -265,19 +265,51 @@ class ShearGates(nn.Module):
         start, final = self.start_sparsity.get(name, 0.0), self.gates[name].target_sparsity
         return start + self.target_progress * (final - start)
 
+    @property
+    def hardened(self) -> bool:
+        """True once :meth:`harden_` froze every gate at its target values."""
+        return all(gate.hardened for gate in self.gates.values())
+
+    @torch.no_grad()
+    def harden_(self) -> None:
+        """Freezes every gate at its deterministic target values (the hardening phase).
+
+        From then on the training forward multiplies exactly the values export folds in (no
+        noise, exactly the target count per row), the Lagrangian is gone and the log-alphas
+        and multipliers get no gradient: the rest of pruning trains the model that ships.
+        """
+        for name, gate in self.gates.items():
+            # Hidden gates are binary at eval and export (see deterministic_values).
+            gate.harden_(binary=name == "hidden")
+        self._eval_cache = None
+
     def lagrangian_penalty(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Sum of the per-dimension Lagrangian terms, and the values worth logging."""
+        """Sum of the per-dimension Lagrangian terms, and the values worth logging.
+
+        Once the gates are hardened the penalty is an exact zero that still depends on every
+        gate parameter: under DDP every parameter must receive a gradient in every step (the
+        penalty reaches the loss outside the model's outputs, so DDP's unused-parameter
+        search cannot be used), and a zero gradient does that without changing anything.
+        """
+        hardened = self.hardened
         penalty = torch.zeros((), device=self.gates_device())
         metrics: dict[str, torch.Tensor] = {}
         for name, gate in self.gates.items():
-            target = self.ramped_target(name)
+            target = gate.target_sparsity if hardened else self.ramped_target(name)
             expected = gate.expected_sparsity()
-            term = gate.lagrangian(target)
+            if hardened:
+                tie = gate.log_alpha.sum() + gate.lambda_1 + gate.lambda_2
+                term = 0.0 * tie.float()
+            else:
+                term = gate.lagrangian(target)
             penalty = penalty + term
             metrics[f"pruning/{name}/expected_sparsity"] = expected.detach()
             # The row furthest from its own budget (0 for one-row dimensions: layers, hidden).
             row_gap = (gate.row_sparsity().detach() - target).abs().max()
             metrics[f"pruning/{name}/max_row_deviation"] = row_gap
+            # The same in units, against the *final* target: how far from landing.
+            landing = (gate.expected_keep().detach() - gate.keep).abs().max()
+            metrics[f"pruning/{name}/max_row_deviation_units"] = landing
             metrics[f"pruning/{name}/target_sparsity"] = torch.tensor(target)
             metrics[f"pruning/{name}/lambda_1"] = gate.lambda_1.detach()
             metrics[f"pruning/{name}/lambda_2"] = gate.lambda_2.detach()
@@ -285,6 +317,7 @@ class ShearGates(nn.Module):
         metrics["pruning/expected_num_params"] = self.expected_num_params().detach()
         metrics["pruning/target_num_params"] = torch.tensor(float(self.target.num_params()))
         metrics["pruning/penalty"] = penalty.detach()
+        metrics["pruning/hardened"] = torch.tensor(float(hardened))
         return penalty, metrics
 
     def gates_device(self) -> torch.device:

@@ -42,6 +42,7 @@ __all__ = [
     "TargetedPruning",
     "add_gate_param_groups",
     "apply_targeted_pruning",
+    "freeze_gate_param_groups",
     "hf_model_of",
     "init_gates_from_importance",
 ]
@@ -81,6 +82,19 @@ def add_gate_param_groups(
             # Composer's DecoupledAdamW reads initial_lr in step(); schedulers set it too.
             group["initial_lr"] = lr
         optimizer.add_param_group(group)
+
+
+def freeze_gate_param_groups(optimizers: Sequence[Optimizer], gates: ShearGates) -> None:
+    """Sets the lr of the gate and multiplier groups to 0 (hardened gates must not move).
+
+    Called before every step once hardened: LR schedulers rewrite every group's lr from its
+    base value after each step. With lr 0, Adam's momentum cannot drift them either.
+    """
+    ours = {id(p) for gate in gates.gates.values() for p in (gate.log_alpha, gate.lambda_1)}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if any(id(p) in ours for p in group["params"]):
+                group["lr"] = 0.0
 
 
 def apply_targeted_pruning(
@@ -165,6 +179,28 @@ def _warmup_progress(state: State, warmup: Time) -> float:
     return min(1.0, float(done) / float(warmup.value))
 
 
+def _parse_time(key: str, value: str | int | None) -> Time | None:
+    """A YAML time (``"0.75dur"``, ``"45ba"``, or an int of batches); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = f"{value}ba"
+    try:
+        return Time.from_timestring(str(value))
+    except ValueError:
+        raise ValueError(
+            f"targeted_pruning.{key}={value!r} is not a time: use e.g. '0.75dur' or '45ba'."
+        ) from None
+
+
+def _time_reached(state: State, when: Time) -> bool:
+    """True once the training position at this batch's start has reached ``when``."""
+    if when.unit == TimeUnit.DURATION:
+        elapsed = state.get_elapsed_duration()
+        return elapsed is not None and elapsed.value >= when.value
+    return state.timestamp.get(when.unit).value >= when.value
+
+
 def _validate_target(target_shape: Any) -> dict[str, int]:
     if not isinstance(target_shape, Mapping) or not target_shape:
         raise ShapeError(
@@ -238,6 +274,19 @@ class TargetedPruning(Algorithm):
             ``init: activation`` a wider range (e.g. ``[-10, 10]``) starts the most important
             units near-deterministic, the least important ones off, and leaves the noise and
             the learning to the units near the cut.
+        harden_at: When to *harden* the gates (``"0.75dur"``, ``"45ba"``; default None: never,
+            the paper). From that batch on every gate is frozen at exactly the target values
+            export writes (top-k of log-alpha per row, the kept units' values folded as in
+            export), the Lagrangian is dropped and only the weights train: the rest of
+            pruning trains the model that ships, so the exported model equals the last
+            in-run evaluation. Logged: ``pruning/hardened`` and, at the hardening batch,
+            ``pruning/hardening/<dim>/max_row_deviation_units`` (how far the expected shape
+            was from the target when it was cut there).
+        landing_eval_batches: After every evaluation round, this many batches of every
+            evaluator are also scored at the *target* cut and at the *expected* shape, and
+            logged as ``pruning/landing/{expected,target}_loss`` (mean over evaluators) and
+            their difference ``pruning/landing/target_minus_expected``: what export would
+            lose if pruning stopped there. 0 turns it off.
     """
 
     def __init__(
@@ -254,11 +303,17 @@ class TargetedPruning(Algorithm):
         init_data: str | None = None,
         init_tokens: int = 65536,
         log_alpha_range: Sequence[float] | None = None,
+        harden_at: str | int | None = None,
+        landing_eval_batches: int = 1,
     ):
         self.target_shape = _validate_target(target_shape)
-        if isinstance(lagrangian_warmup, int):
-            lagrangian_warmup = f"{lagrangian_warmup}ba"
-        self.lagrangian_warmup = Time.from_timestring(str(lagrangian_warmup))
+        self.harden_at = _parse_time("harden_at", harden_at)
+        if int(landing_eval_batches) < 0:
+            raise ValueError(
+                f"targeted_pruning.landing_eval_batches must be >= 0, got {landing_eval_batches}."
+            )
+        self.landing_eval_batches = int(landing_eval_batches)
+        self.lagrangian_warmup = _parse_time("lagrangian_warmup", lagrangian_warmup)
         if gate_lr <= 0 or lambda_lr <= 0:
             raise ValueError("gate_lr and lambda_lr must be positive.")
         if eval_at not in EVAL_MODES:
@@ -306,6 +361,7 @@ class TargetedPruning(Algorithm):
             Event.BATCH_START,
             Event.AFTER_LOSS,
             Event.BATCH_END,
+            Event.EVAL_AFTER_ALL,
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -333,6 +389,14 @@ class TargetedPruning(Algorithm):
         elif event == Event.BATCH_START:
             gates.target_progress = _warmup_progress(state, self.lagrangian_warmup)
             gates.start_step(self.seed, int(state.timestamp.batch), dist.get_global_rank())
+            harden = self.harden_at is not None and not gates.hardened
+            if harden and _time_reached(state, self.harden_at):
+                self._harden(state, gates, logger)
+            if gates.hardened:
+                freeze_gate_param_groups(state.optimizers, gates)
+        elif event == Event.EVAL_AFTER_ALL:
+            if self.landing_eval_batches > 0:
+                self._log_landing(state, gates, logger)
         elif event == Event.AFTER_LOSS:
             self._add_penalty(state, gates)
         elif event == Event.BATCH_END:
@@ -405,6 +469,69 @@ class TargetedPruning(Algorithm):
                 gates, importance, self.init_log_alpha, self.init_pruned_log_alpha
             )
 
+    def _harden(self, state: State, gates: ShearGates, logger: Logger) -> None:
+        """Freezes the gates at the target (``harden_at``) and logs how far off they were."""
+        with _writable(state.model, gates):
+            distance = {
+                f"pruning/hardening/{name}/max_row_deviation_units": (
+                    (gate.expected_keep().detach() - gate.keep).abs().max().item()
+                )
+                for name, gate in gates.gates.items()
+            }
+            gates.harden_()
+        log.info(
+            "targeted_pruning: hardened at batch %d; expected keep was off the target by at "
+            "most %s units per row",
+            int(state.timestamp.batch),
+            ", ".join(f"{k.split('/')[2]} {v:.2f}" for k, v in distance.items()),
+        )
+        logger.log_metrics(distance)
+
+    @torch.no_grad()
+    def _log_landing(self, state: State, gates: ShearGates, logger: Logger) -> None:
+        """Scores a few batches of every evaluator at the expected shape and the target cut."""
+        model = state.model
+        composer_model = _unwrap(model)
+        previous = gates.eval_at
+        sums = {"expected": 0.0, "target": 0.0}
+        labels = 0
+        was_training = model.training
+        model.eval()
+        try:
+            for evaluator in state.evaluators:
+                batches = []
+                for index, batch in enumerate(evaluator.dataloader.dataloader):
+                    if index >= self.landing_eval_batches:
+                        break
+                    batches.append(state.device.batch_to_device(batch))
+                if not batches:
+                    continue
+                labels += 1
+                per_label = 0.0
+                for mode in ("expected", "target"):
+                    if mode == "target" and gates.hardened:
+                        sums["target"] += per_label  # the same masks: no second forward
+                        continue
+                    gates.eval_at = mode
+                    losses = [composer_model.loss(model(batch), batch).float() for batch in batches]
+                    mean = torch.stack(losses).mean()
+                    dist.all_reduce(mean)
+                    per_label = mean.item() / dist.get_world_size()
+                    sums[mode] += per_label
+        finally:
+            gates.eval_at = previous
+            model.train(was_training)
+        if labels == 0:
+            return
+        expected, target = sums["expected"] / labels, sums["target"] / labels
+        logger.log_metrics(
+            {
+                "pruning/landing/expected_loss": expected,
+                "pruning/landing/target_loss": target,
+                "pruning/landing/target_minus_expected": target - expected,
+            }
+        )
+
     @staticmethod
     def _add_penalty(state: State, gates: ShearGates) -> None:
         penalty = gates.penalty
@@ -430,6 +557,7 @@ class TargetedPruning(Algorithm):
             "init": self.init,
             "log_alpha_range": list(self.log_alpha_range),
             "initialized": self._initialized,
+            "hardened": bool(self.gates is not None and self.gates.hardened),
         }
         if self.gates is not None:
             state["resolved_target"] = self.gates.target.config_updates()
