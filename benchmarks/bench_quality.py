@@ -5,10 +5,20 @@ corpus, to the same target shape, with the same total training tokens (pruning +
 pre-training), through real ``llmfoundry train`` jobs, and writes:
 
 * ``OUT/results/<method>-s<seed>.json``: per-domain eval losses before and after CPT, the
-  eval curve of the CPT run, tokens, wall time;
+  eval curve of the CPT run, tokens, training compute, wall time; for learned routes also the
+  landing (each pruned dimension's largest per-row distance of the expected keep from the
+  target at the end of pruning) and the export gap (exported model's loss minus the last
+  in-run pruning evaluation, same samples);
 * ``OUT/table.md``: per-domain and mean eval loss, worst gap to the reference loss, tokens,
   wall time, seeds (mean and spread when several seeds ran);
 * ``OUT/quality.png``: mean eval loss against training tokens, per method.
+
+Compute is counted, not timed (wall times on shared cores are not comparable): a training
+token costs ``6 N`` FLOPs and a forward-only token (calibration, a KD teacher) ``2 N``, with
+``N`` the parameters the token passes through (the *source* model's during pruning: every
+gate multiplies a full-size tensor; the lm_head counted, the embedding lookup not). A
+method's ``steps_factor`` scales its budget, e.g. to give one-shot + CPT the compute of a
+learned route.
 
 Finished methods are skipped on a rerun (``--force`` reruns them), so a long benchmark can be
 resumed. Usage::
@@ -43,6 +53,8 @@ from composer_shear.demo import (  # noqa: E402
     _list_override,
     _llmfoundry_train,
 )
+from composer_shear.report.metrics import export_gap as metrics_export_gap  # noqa: E402
+from composer_shear.report.metrics import read_metrics  # noqa: E402
 
 SETTINGS = Path(__file__).with_name("quality.yaml")
 # `kd: true` methods train with the KD variants of the two recipes (teacher: the source model).
@@ -104,6 +116,30 @@ def eval_curve(metrics_file: Path, domains: list[str]) -> list[tuple[int, float]
     ]
 
 
+def flop_params(model_dir: Path) -> int:
+    """Parameters a token's matmuls pass through: all but the embedding lookup (lm_head kept)."""
+    from transformers import AutoConfig
+
+    from composer_shear.shape import ModelShape
+
+    config = AutoConfig.from_pretrained(model_dir)
+    total = ModelShape.from_config(config).num_params()
+    if config.tie_word_embeddings:
+        return total  # one matrix: looked up for free, multiplied as lm_head
+    return total - config.vocab_size * config.hidden_size
+
+
+def last_metrics(metrics_file: Path, prefix: str) -> dict[str, float]:
+    """The last logged value of every metric whose name starts with ``prefix``."""
+    last: dict[str, float] = {}
+    if metrics_file.exists():
+        for line in metrics_file.read_text().splitlines():
+            for key, value in (json.loads(line).get("metrics") or {}).items():
+                if key.startswith(prefix) and value is not None:
+                    last[key] = value
+    return last
+
+
 def target_overrides(cfg: dict[str, Any]) -> list[str]:
     return [
         f"algorithms.targeted_pruning.target_shape.{key}={value}"
@@ -130,6 +166,7 @@ def run_method(
     ]
     route = spec["route"]
     kd = bool(spec.get("kd", False))
+    steps = round(steps * float(spec.get("steps_factor", 1.0)))
     prune_fraction = spec.get("prune_fraction", cfg["prune_fraction"])
     prune_steps = round(steps * prune_fraction) if route == "learned" else 0
     cpt_steps = steps - prune_steps
@@ -168,6 +205,16 @@ def run_method(
     times["prune"] = time.perf_counter() - start
     _check_hf_dir(pruned)
     before = None if route == "scratch" else evaluate(pruned, data, cfg)
+    landing, export_gap = None, None
+    if route == "learned":
+        prune_metrics = run_dir / "metrics" / "prune.jsonl"
+        landing = {
+            key.split("/")[1]: value
+            for key, value in last_metrics(prune_metrics, "pruning/").items()
+            if key.endswith("/max_row_deviation_units") and "hardening" not in key
+        }
+        gap = metrics_export_gap(read_metrics(prune_metrics), before, cfg["domains"])
+        export_gap = None if gap is None else gap[0] - gap[1]
 
     log(f"  [{name}] continued pre-training {cpt_steps} steps")
     start = time.perf_counter()
@@ -192,6 +239,13 @@ def run_method(
         curve.insert(0, (prune_steps * tokens_per_step, statistics.fmean(before.values())))
     # Keep the record, drop the checkpoints (tens of MB each).
     shutil.rmtree(run_dir / "models" / "cpt", ignore_errors=True)
+    n_source, n_target = flop_params(source), flop_params(pruned)
+    random_cut = route == "scratch" or spec.get("importance") == "random"
+    calibration = 0 if random_cut else cfg["calibration_tokens"]
+    prune_tokens, cpt_tokens = prune_steps * tokens_per_step, cpt_steps * tokens_per_step
+    flops = 6 * n_source * prune_tokens + 2 * n_source * calibration + 6 * n_target * cpt_tokens
+    if kd:  # the teacher's forward on every training token
+        flops += 2 * n_source * (prune_tokens + cpt_tokens)
     return {
         "method": name,
         "label": spec.get("label", name),
@@ -199,13 +253,14 @@ def run_method(
         "steps": {"prune": prune_steps, "cpt": cpt_steps},
         "kd": kd,
         "tokens": {"prune": prune_steps * tokens_per_step, "cpt": cpt_steps * tokens_per_step},
-        "calibration_tokens": 0
-        if route in ("scratch",) or (route == "oneshot" and spec.get("importance") == "random")
-        else cfg["calibration_tokens"],
+        "calibration_tokens": calibration,
         "before_cpt": before,
         "after_cpt": after,
         "curve": curve,
         "seconds": times,
+        "train_flops": flops,
+        "landing": landing,
+        "export_gap": export_gap,
     }
 
 
@@ -225,8 +280,9 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
             return f"{values[0]:.3f}"
         return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
-    header = ["method", "train tokens", "mean eval loss", *domains, "worst gap to ref",
-              "before CPT", "wall time", "seeds"]  # fmt: skip
+    header = ["method", "train tokens", "train PFLOPs", "mean eval loss", *domains,
+              "worst gap to ref", "before CPT", "export gap", "landing (units)", "wall time",
+              "seeds"]  # fmt: skip
     rows = []
     for name in order:
         records = results[name]
@@ -235,21 +291,27 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
         gaps = [max(r["after_cpt"][d] - reference[d] for d in domains) for r in records]
         befores = [statistics.fmean(r["before_cpt"].values()) for r in records if r["before_cpt"]]
         tokens = records[0]["tokens"]
+        flops = [r["train_flops"] for r in records if r.get("train_flops")]
+        gaps_export = [r["export_gap"] for r in records if r.get("export_gap") is not None]
+        landings = [max(r["landing"].values()) for r in records if r.get("landing")]
         seconds = statistics.fmean(sum(r["seconds"].values()) for r in records)
         # The settings' current label wins, so that relabelling needs no rerun.
         label = cfg["methods"].get(name, {}).get("label", records[0]["label"])
         rows.append([
             label,
             f"{tokens['prune'] + tokens['cpt']:,} ({tokens['prune']:,} + {tokens['cpt']:,})",
+            f"{flops[0] / 1e15:.2f}" if flops else "-",
             f"**{stat(means)}**",
             *per_domain,
             stat(gaps),
             stat(befores) if befores else "-",
+            stat(gaps_export) if gaps_export else "-",
+            f"{max(landings):.2f}" if landings else "-",
             f"{seconds / 60:.1f} min",
             ",".join(str(r["seed"]) for r in records),
         ])  # fmt: skip
-    ref_row = ["source model (reference)", "-", f"{statistics.fmean(reference.values()):.3f}",
-               *(f"{reference[d]:.3f}" for d in domains), "0", "-", "-", "-"]  # fmt: skip
+    ref_row = ["source model (reference)", "-", "-", f"{statistics.fmean(reference.values()):.3f}",
+               *(f"{reference[d]:.3f}" for d in domains), "0", "-", "-", "-", "-", "-"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in [*rows, ref_row]]
     table = "\n".join(lines)

@@ -128,6 +128,7 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
     from composer_shear.real_model import materialize_smollm2
     from composer_shear.reference_loss import evaluate_domain_losses
     from composer_shear.report import build_report
+    from composer_shear.report.metrics import export_gap, read_metrics
 
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -256,6 +257,13 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
     save_run_info()
     report = build_report(run_dir)
     save_run_info()
+    gap = export_gap(read_metrics(run_dir / "metrics" / "prune.jsonl"), losses["pruned"], DOMAINS)
+    if gap is not None:
+        print(
+            f"Export gap: exported model {gap[0]:.3f} - last pruning eval {gap[1]:.3f} = "
+            f"{gap[0] - gap[1]:+.3f} nats (mean over domains).",
+            flush=True,
+        )
     improved = [d for d in DOMAINS if losses["cpt"][d] < losses["pruned"][d]]
     print(
         f"\nCPT improved {len(improved)}/{len(DOMAINS)} domains. "

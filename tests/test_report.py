@@ -181,6 +181,8 @@ def _write_metrics(path: Path, prune: bool) -> None:
                 metrics[f"pruning/{dim}/lambda_1"] = -0.01 * step
                 metrics[f"pruning/{dim}/lambda_2"] = 0.005 * step
                 metrics[f"pruning/{dim}/lagrangian"] = 0.001
+                metrics[f"pruning/{dim}/max_row_deviation_units"] = 0.0 if step >= 16 else 1.5
+            metrics["pruning/hardened"] = float(step >= 16)
             metrics["pruning/expected_num_params"] = 120_000 - 1500 * step
             metrics["pruning/target_num_params"] = 80_000.0
             metrics["pruning/penalty"] = 0.01
@@ -273,6 +275,10 @@ def test_build_report_full_run(tmp_path, model_dirs, monkeypatch):
     assert "## Per-domain eval loss" in text
     assert "| speeches | 2.600 | 4.600 | 3.600 | 3.400 | -1.000 | +0.200 |" in text
     assert "improved every domain" in text
+    # Landing: hardened at step 16; exported 4.3 (mean) vs the last in-run eval 4.0.
+    assert "worst row off by (units)" in text
+    assert "**hardened** at step 16" in text
+    assert "minus the last in-run pruning evaluation 4.000 = **+0.300 nats**" in text
     assert "1h 02m 05s" in text  # total time, in the summary and the timings table
     assert "| prune | 50m 00s | 81% |" in text
     assert "| `settings`" not in text and "`prune.steps`" in text

@@ -18,7 +18,7 @@ from composer_shear.report.labels import (
     MODEL_LABELS,
     MODEL_ORDER,
 )
-from composer_shear.report.metrics import MetricsLog, _json_safe, read_metrics
+from composer_shear.report.metrics import MetricsLog, _json_safe, export_gap, read_metrics
 from composer_shear.report.models import (
     DEFAULT_PROMPTS,
     ModelInfo,
@@ -357,18 +357,23 @@ def _pruning_section(run: _Run) -> list[str]:
                 DIM_LABELS.get(dim, dim),
                 _fmt(m.last(f"pruning/{dim}/target_sparsity")),
                 _fmt(m.last(f"pruning/{dim}/expected_sparsity")),
+                _fmt(m.last(f"pruning/{dim}/max_row_deviation_units"), 2),
                 _fmt(m.last(f"pruning/{dim}/lambda_1"), 4),
                 _fmt(m.last(f"pruning/{dim}/lambda_2"), 4),
             ]
         )
+    headers = ["dimension", "target sparsity", "expected sparsity", "worst row off by (units)"]
     lines = [
         "## Pruning outcome",
         "",
-        f"Values at the last pruning step ({m.last_step()}).",
+        f'Values at the last pruning step ({m.last_step()}). "worst row off by" is the '
+        "largest distance, over layers (and kv groups), of the expected kept units from the "
+        "target count.",
         "",
-        _table(["dimension", "target sparsity", "expected sparsity", "λ1", "λ2"], rows),
+        _table([*headers, "λ1", "λ2"], rows),
         "",
     ]
+    lines += _landing_lines(run)
     expected, target = m.last("pruning/expected_num_params"), m.last("pruning/target_num_params")
     if expected is not None and target is not None:
         lines += [
@@ -377,6 +382,29 @@ def _pruning_section(run: _Run) -> list[str]:
             "",
         ]
     return lines
+
+
+def _landing_lines(run: _Run) -> list[str]:
+    """Hardening and the export gap: exported model's loss minus the last in-run eval."""
+    m = run.prune
+    lines: list[str] = []
+    hardened = m.last("pruning/hardened") if m is not None else None
+    if hardened:
+        steps, values = m.get("pruning/hardened")
+        first = next(s for s, v in zip(steps, values, strict=True) if v)
+        lines.append(
+            f"The gates were **hardened** at step {first} (`harden_at`): from there on pruning "
+            "trained exactly the model that export writes."
+        )
+    gap = export_gap(m, (run.losses or {}).get("pruned"), run.domains)
+    if gap is not None:
+        export, last_eval = gap
+        lines.append(
+            f"Export gap: the exported model's mean eval loss {export:.3f} minus the last in-run "
+            f"pruning evaluation {last_eval:.3f} = **{export - last_eval:+.3f} nats** (what "
+            "cutting to exactly the target shape cost at the end)."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _weights_section(run: _Run) -> list[str]:

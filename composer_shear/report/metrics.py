@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -311,3 +311,21 @@ def read_metrics(path: str | Path) -> MetricsLog | None:
             else:
                 out.bad_lines += 1
     return out
+
+
+def export_gap(
+    prune: MetricsLog | None, exported: Mapping[str, Any] | None, domains: Sequence[str]
+) -> tuple[float, float] | None:
+    """``(exported mean loss, last in-run pruning eval mean)`` over ``domains``, or None.
+
+    The in-run evaluation is the last ``metrics/eval/<domain>/LanguageCrossEntropy`` of the
+    pruning run; ``exported`` holds the exported model's loss per domain on the same samples.
+    Their difference is the *export gap*: what cutting to exactly the target shape cost.
+    """
+    if prune is None or not exported or not domains:
+        return None
+    in_run = [prune.last(f"metrics/eval/{d}/LanguageCrossEntropy") for d in domains]
+    cut = [_to_float(exported.get(d)) for d in domains]
+    if any(v is None for v in in_run + cut):
+        return None
+    return sum(cut) / len(cut), sum(in_run) / len(in_run)
