@@ -42,9 +42,9 @@ __all__ = [
     "TargetedPruning",
     "add_gate_param_groups",
     "apply_targeted_pruning",
-    "freeze_gate_param_groups",
     "hf_model_of",
     "init_gates_from_importance",
+    "set_gate_param_group_lrs",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,24 @@ def add_gate_param_groups(
         optimizer.add_param_group(group)
 
 
-def freeze_gate_param_groups(optimizers: Sequence[Optimizer], gates: ShearGates) -> None:
-    """Sets the lr of the gate and multiplier groups to 0 (hardened gates must not move).
+def set_gate_param_group_lrs(
+    optimizers: Sequence[Optimizer], gates: ShearGates, gate_lr: float, lambda_lr: float
+) -> None:
+    """Sets the lr of the gate group to ``gate_lr`` and of the multipliers to ``-lambda_lr``.
 
-    Called before every step once hardened: LR schedulers rewrite every group's lr from its
-    base value after each step. With lr 0, Adam's momentum cannot drift them either.
+    Called before a step: LR schedulers rewrite every group's lr from its base value after
+    each step, so this is how a schedule is kept off the gates (``schedule_gates: false``)
+    and how hardened gates are held still (both 0: Adam's momentum cannot move them either).
     """
-    ours = {id(p) for gate in gates.gates.values() for p in (gate.log_alpha, gate.lambda_1)}
+    log_alphas = {id(gate.log_alpha) for gate in gates.gates.values()}
+    lambdas = {id(gate.lambda_1) for gate in gates.gates.values()}
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            if any(id(p) in ours for p in group["params"]):
-                group["lr"] = 0.0
+            ids = {id(p) for p in group["params"]}
+            if ids & log_alphas:
+                group["lr"] = gate_lr
+            elif ids & lambdas:
+                group["lr"] = -lambda_lr
 
 
 def apply_targeted_pruning(
@@ -287,6 +294,10 @@ class TargetedPruning(Algorithm):
             logged as ``pruning/landing/{expected,target}_loss`` (mean over evaluators) and
             their difference ``pruning/landing/target_minus_expected``: what export would
             lose if pruning stopped there. 0 turns it off.
+        schedule_gates: True (default, as the released code): the run's LR scheduler scales
+            the gate and multiplier groups like every group, so a warm-up or cosine decay
+            slows the constraint too. False: they keep ``gate_lr`` / ``-lambda_lr`` at every
+            step, whatever the weights' schedule.
     """
 
     def __init__(
@@ -305,7 +316,9 @@ class TargetedPruning(Algorithm):
         log_alpha_range: Sequence[float] | None = None,
         harden_at: str | int | None = None,
         landing_eval_batches: int = 1,
+        schedule_gates: bool = True,
     ):
+        self.schedule_gates = bool(schedule_gates)
         self.target_shape = _validate_target(target_shape)
         self.harden_at = _parse_time("harden_at", harden_at)
         if int(landing_eval_batches) < 0:
@@ -393,7 +406,9 @@ class TargetedPruning(Algorithm):
             if harden and _time_reached(state, self.harden_at):
                 self._harden(state, gates, logger)
             if gates.hardened:
-                freeze_gate_param_groups(state.optimizers, gates)
+                set_gate_param_group_lrs(state.optimizers, gates, 0.0, 0.0)
+            elif not self.schedule_gates:
+                set_gate_param_group_lrs(state.optimizers, gates, self.gate_lr, self.lambda_lr)
         elif event == Event.EVAL_AFTER_ALL:
             if self.landing_eval_batches > 0:
                 self._log_landing(state, gates, logger)
