@@ -57,13 +57,22 @@ def writable_gates(model: nn.Module, gates: nn.Module) -> Iterator[None]:
 
     FSDP1: only the FSDP unit that directly holds the gates is gathered
     (``summon_full_params(recurse=False)``), not the whole model. FSDP2 (``fully_shard``):
-    the gates' DTensor parameters are swapped for full copies inside the block; at the end
-    each rank copies its own slice back into its shard and the DTensors are put back, so
-    the optimizer keeps the very parameter objects it holds.
+    the unit holding the gates is resharded, then the gates' DTensor parameters are swapped
+    for full copies inside the block; at the end each rank copies its own slice back into
+    its shard and the DTensors are put back, so the optimizer keeps the very parameter
+    objects it holds.
     """
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    owner2 = _innermost_owner(model, gates, FSDPModule)
+    if owner2 is not None:
+        # FSDP2 leaves the root's parameters gathered after a forward without backward (e.g.
+        # the importance forwards, an evaluation): the module then holds plain gathered
+        # copies, writes to them would never reach the shards, and the next forward would
+        # reuse them without gathering again. Resharding first puts the DTensors back.
+        owner2.reshard()
     sharded = [
         (module, name, param)
         for module in gates.modules()
@@ -89,12 +98,18 @@ def writable_gates(model: nn.Module, gates: nn.Module) -> Iterator[None]:
                     param.to_local().copy_(mine.to_local())
                     setattr(module, name, param)
         return
-    owner = None
-    for module in model.modules():
-        if isinstance(module, FSDP) and any(m is gates for m in module.modules()):
-            owner = module  # the innermost FSDP unit around the gates comes last
+    owner = _innermost_owner(model, gates, FSDP)
     if owner is None:
         yield
         return
     with FSDP.summon_full_params(owner, recurse=False, writeback=True):
         yield
+
+
+def _innermost_owner(model: nn.Module, gates: nn.Module, kind: type) -> nn.Module | None:
+    """The innermost module of type ``kind`` (an FSDP unit) in ``model`` that holds ``gates``."""
+    owner = None
+    for module in model.modules():
+        if isinstance(module, kind) and any(m is gates for m in module.modules()):
+            owner = module  # modules() walks down, so the innermost unit comes last
+    return owner
