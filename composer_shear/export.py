@@ -32,6 +32,8 @@ __all__ = [
     "export_checkpoint",
     "export_model",
     "find_gated_hf_model",
+    "gated_model_from_checkpoint",
+    "gated_model_from_weights",
     "load_composer_checkpoint",
     "register_cli",
     "write_hf_directory",
@@ -261,9 +263,7 @@ def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -
 
 def gated_model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuilds the gated Hugging Face model of a checkpoint, loading every tensor strictly."""
-    from accelerate import init_empty_weights
     from composer.models.huggingface import get_hf_config_from_composer_state_dict
-    from transformers import AutoModelForCausalLM
 
     pruning = _pruning_state(checkpoint)
     _hf_state(checkpoint)
@@ -272,12 +272,34 @@ def gated_model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     if not all(key.startswith(MODEL_PREFIX) for key in model_state):
         raise ExportError("Unexpected model state layout (keys without the 'model.' prefix).")
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in model_state.items()}
+    if not any(k.startswith(f"{GATES_ATTR}.") for k in weights):
+        raise ExportError(f"{checkpoint['_path']} holds no gate parameters.")
+    return gated_model_from_weights(
+        config, weights, pruning["target_shape"], seed=pruning.get("seed", 0)
+    )
+
+
+def gated_model_from_weights(
+    config: Any, weights: dict[str, torch.Tensor], target_shape: dict[str, int], seed: int = 0
+) -> nn.Module:
+    """Builds the gated Hugging Face model of ``config`` from a full state dict, strictly.
+
+    Args:
+        config: The source model's ``transformers`` config.
+        weights: Every tensor of the gated HF model, keyed as its ``state_dict()`` (the gates
+            under ``shear_gates.``); used in place (``assign``), not copied.
+        target_shape: The pruning target the gates were built for.
+        seed: Seed of the gates' initial noise (irrelevant: every gate tensor is loaded).
+
+    Raises:
+        ExportError: A tensor is missing, unexpected or of the wrong shape.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     gate_prefix = f"{GATES_ATTR}."
     gate_state = {k[len(gate_prefix) :]: v for k, v in weights.items() if k.startswith(gate_prefix)}
     weights = {k: v for k, v in weights.items() if not k.startswith(gate_prefix)}
-    if not gate_state:
-        raise ExportError(f"{checkpoint['_path']} holds no gate parameters.")
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     if config.tie_word_embeddings:
@@ -290,7 +312,7 @@ def gated_model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     if config.tie_word_embeddings:
         model.tie_weights()
     # The initial values do not matter: every gate tensor is overwritten by the strict load.
-    gates = attach_gates(model, pruning["target_shape"], seed=pruning.get("seed", 0))
+    gates = attach_gates(model, dict(target_shape), seed=seed)
     _strict_load(gates, gate_state, "gate state")
     return model.eval()
 

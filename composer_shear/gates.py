@@ -29,6 +29,7 @@ __all__ = [
     "LIMIT_RIGHT",
     "LOG_ALPHA_MAX",
     "LOG_ALPHA_MIN",
+    "MULTIPLIER_SHAPE",
     "NOT_HARDENED",
     "TEMPERATURE",
     "HardConcreteGate",
@@ -44,6 +45,8 @@ TEMPERATURE = 2.0 / 3.0
 # log-alpha is clamped after every optimizer step, as in the Sheared-LLaMA recipe.
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)
 _EPS = 1e-6
+# Shape of each Lagrange multiplier (see HardConcreteGate.__init__).
+MULTIPLIER_SHAPE = (1,)
 # Fill value of ``hard_value`` while a gate is not hardened (hardened values lie in [0, 1]).
 NOT_HARDENED = -1.0
 # Quadrature points of E[z] (see HardConcreteGate.expected_value).
@@ -151,8 +154,10 @@ class HardConcreteGate(nn.Module):
         self.seed = int(seed)
         self.log_alpha = nn.Parameter(torch.empty(self.shape, device=device))
         # Multipliers of lambda_1 * (s - t) + lambda_2 * (s - t)^2, trained by gradient ascent.
-        self.lambda_1 = nn.Parameter(torch.zeros((), device=device))
-        self.lambda_2 = nn.Parameter(torch.zeros((), device=device))
+        # Shaped (1,), not 0-dim: FSDP2's fully_shard rejects scalar parameters. Read them
+        # as scalars with multipliers().
+        self.lambda_1 = nn.Parameter(torch.zeros(MULTIPLIER_SHAPE, device=device))
+        self.lambda_2 = nn.Parameter(torch.zeros(MULTIPLIER_SHAPE, device=device))
         # Frozen gate values once hardened (NOT_HARDENED before). A persistent buffer, so a
         # checkpoint taken after hardening resumes hardened; older checkpoints without it load
         # as not hardened (see _load_from_state_dict).
@@ -176,7 +181,16 @@ class HardConcreteGate(nn.Module):
         key = prefix + "hard_value"
         if key not in state_dict:
             state_dict[key] = torch.full(self.shape, NOT_HARDENED)
+        # Checkpoints written before the multipliers became (1,)-shaped hold 0-dim tensors.
+        for name in ("lambda_1", "lambda_2"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                state_dict[prefix + name] = value.reshape(MULTIPLIER_SHAPE)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def multipliers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lambda_1, lambda_2)`` as 0-dim tensors (views, differentiable)."""
+        return self.lambda_1.reshape(()), self.lambda_2.reshape(())
 
     @property
     def hardened(self) -> bool:
@@ -260,7 +274,8 @@ class HardConcreteGate(nn.Module):
         gap). The released Sheared-LLaMA code computes it the same way, per row, then averages.
         """
         gap = self.row_sparsity() - target_sparsity
-        return (self.lambda_1 * gap + self.lambda_2 * gap * gap).mean()
+        lambda_1, lambda_2 = self.multipliers()
+        return (lambda_1 * gap + lambda_2 * gap * gap).mean()
 
     @torch.no_grad()
     def expected_value(self) -> torch.Tensor:

@@ -297,8 +297,9 @@ class ShearGates(nn.Module):
         for name, gate in self.gates.items():
             target = gate.target_sparsity if hardened else self.ramped_target(name)
             expected = gate.expected_sparsity()
+            lambda_1, lambda_2 = gate.multipliers()
             if hardened:
-                tie = gate.log_alpha.sum() + gate.lambda_1 + gate.lambda_2
+                tie = gate.log_alpha.sum() + lambda_1 + lambda_2
                 term = 0.0 * tie.float()
             else:
                 term = gate.lagrangian(target)
@@ -311,8 +312,10 @@ class ShearGates(nn.Module):
             landing = (gate.expected_keep().detach() - gate.keep).abs().max()
             metrics[f"pruning/{name}/max_row_deviation_units"] = landing
             metrics[f"pruning/{name}/target_sparsity"] = torch.tensor(target)
-            metrics[f"pruning/{name}/lambda_1"] = gate.lambda_1.detach()
-            metrics[f"pruning/{name}/lambda_2"] = gate.lambda_2.detach()
+            # Copies, not views: under FSDP these parameters are views of gathered storage
+            # that is freed after the pass, and the metrics are read at BATCH_END.
+            metrics[f"pruning/{name}/lambda_1"] = lambda_1.detach().clone()
+            metrics[f"pruning/{name}/lambda_2"] = lambda_2.detach().clone()
             metrics[f"pruning/{name}/lagrangian"] = term.detach()
         metrics["pruning/expected_num_params"] = self.expected_num_params().detach()
         metrics["pruning/target_num_params"] = torch.tensor(float(self.target.num_params()))
@@ -411,6 +414,9 @@ class ShearGates(nn.Module):
         """Clamps every log-alpha into range (after the optimizer step)."""
         for gate in self.gates.values():
             gate.clamp_()
+        # The step changed the gates. Under FSDP the version counters of the parameters the
+        # eval forward sees (views of freshly gathered storage) need not tell.
+        self._eval_cache = None
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
         """Boolean keep masks of the deterministic gates at the target, per dimension."""

@@ -8,9 +8,8 @@ here, at ``AFTER_LOSS``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from composer_shear.masking import (
     find_gates,
 )
 from composer_shear.shape import TARGET_KEYS, ShapeError
+from composer_shear.sharding import writable_gates
 
 __all__ = [
     "INIT_MODES",
@@ -44,6 +44,7 @@ __all__ = [
     "apply_targeted_pruning",
     "hf_model_of",
     "init_gates_from_importance",
+    "reshape_multiplier_optimizer_state",
     "set_gate_param_group_lrs",
 ]
 
@@ -102,6 +103,25 @@ def set_gate_param_group_lrs(
                 group["lr"] = gate_lr
             elif ids & lambdas:
                 group["lr"] = -lambda_lr
+
+
+def reshape_multiplier_optimizer_state(optimizers: Sequence[Optimizer], gates: ShearGates) -> None:
+    """Gives optimizer moments of the multipliers their parameters' ``(1,)`` shape.
+
+    Checkpoints written while the multipliers were 0-dim hold 0-dim moments (Adam's
+    ``exp_avg``, ``exp_avg_sq``); the gates' load hook reshapes the multipliers themselves,
+    this the optimizer state that loaded with them, which the next in-place update would
+    otherwise reject. The 0-dim ``step`` counter is left alone.
+    """
+    for optimizer in optimizers:
+        for gate in gates.gates.values():
+            for param in (gate.lambda_1, gate.lambda_2):
+                slots = optimizer.state.get(param)
+                if not slots or param.dim() != 1:
+                    continue
+                for key, value in slots.items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.dim() == 0:
+                        slots[key] = value.reshape(param.shape)
 
 
 def apply_targeted_pruning(
@@ -206,6 +226,28 @@ def _time_reached(state: State, when: Time) -> bool:
         elapsed = state.get_elapsed_duration()
         return elapsed is not None and elapsed.value >= when.value
     return state.timestamp.get(when.unit).value >= when.value
+
+
+def _check_activation_checkpointing(state: State) -> None:
+    """Rejects FSDP1's reentrant activation checkpointing (Composer's default when on).
+
+    The gate masks are computed once per forward, outside the decoder layers, and every
+    layer's hooks multiply them in. Reentrant checkpointing recomputes a layer inside its
+    own backward call and backpropagates from there into everything the layer read,
+    through the masks into the gates, freeing that shared graph; the next layer's backward
+    then fails ("Trying to backward through the graph a second time"). Non-reentrant
+    checkpointing (FSDP2's only kind) does not.
+    """
+    fsdp = getattr(state, "fsdp_config", None)
+    if getattr(fsdp, "activation_checkpointing", False) and getattr(
+        fsdp, "activation_checkpointing_reentrant", False
+    ):
+        raise ValueError(
+            "targeted_pruning needs non-reentrant activation checkpointing: set "
+            "fsdp_config.activation_checkpointing_reentrant: false (Composer's default is "
+            "true). Reentrant checkpointing backpropagates every recomputed layer separately "
+            "through the gate masks shared by all layers and fails in the second layer."
+        )
 
 
 def _validate_target(target_shape: Any) -> dict[str, int]:
@@ -370,6 +412,7 @@ class TargetedPruning(Algorithm):
         """Runs at INIT, FIT_START, BATCH_START, AFTER_LOSS and BATCH_END."""
         return event in (
             Event.INIT,
+            Event.AFTER_LOAD,
             Event.FIT_START,
             Event.BATCH_START,
             Event.AFTER_LOSS,
@@ -380,6 +423,7 @@ class TargetedPruning(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         """See the class docstring for what happens at each event."""
         if event == Event.INIT:
+            _check_activation_checkpointing(state)
             self.gates = apply_targeted_pruning(
                 state.model,
                 self.target_shape,
@@ -395,7 +439,9 @@ class TargetedPruning(Algorithm):
         gates = self.gates if self.gates is not None else find_gates(state.model)
         if gates is None:
             raise RuntimeError("targeted_pruning: gates are missing (INIT did not run?).")
-        if event == Event.FIT_START:
+        if event == Event.AFTER_LOAD:
+            reshape_multiplier_optimizer_state(state.optimizers, gates)
+        elif event == Event.FIT_START:
             if not self._initialized and self.init == "activation":
                 self._init_from_importance(state, gates)
             self._initialized = True
@@ -479,14 +525,14 @@ class TargetedPruning(Algorithm):
                 importance = collect_importance(state.model, mine, forward, hf_model=hf_model)
         finally:
             state.model.train(was_training)
-        with _writable(state.model, gates):
+        with writable_gates(state.model, gates):
             init_gates_from_importance(
                 gates, importance, self.init_log_alpha, self.init_pruned_log_alpha
             )
 
     def _harden(self, state: State, gates: ShearGates, logger: Logger) -> None:
         """Freezes the gates at the target (``harden_at``) and logs how far off they were."""
-        with _writable(state.model, gates):
+        with writable_gates(state.model, gates):
             distance = {
                 f"pruning/hardening/{name}/max_row_deviation_units": (
                     (gate.expected_keep().detach() - gate.keep).abs().max().item()
@@ -598,23 +644,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     return model
-
-
-@contextlib.contextmanager
-def _writable(model: nn.Module, gates: ShearGates) -> Iterator[None]:
-    """Makes the gate parameters writable in place (gathers them under FSDP, writes back).
-
-    Only the FSDP unit that directly holds the gates is gathered (``recurse=False``), not
-    the whole model.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    owner = None
-    for module in model.modules():
-        if isinstance(module, FSDP) and any(m is gates for m in module.modules()):
-            owner = module  # the innermost FSDP unit around the gates comes last
-    if owner is None:
-        yield
-        return
-    with FSDP.summon_full_params(owner, recurse=False, writeback=True):
-        yield

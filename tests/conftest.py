@@ -49,5 +49,9 @@ def _release_finished_trainings():
     for obj in gc.get_objects():
         if type(obj) is Engine:  # not isinstance: proxies in the heap warn on __class__
             obj.close()
-            atexit.unregister(obj._close)
+    # The hook is one static function registered with each engine's state: unregistering
+    # it drops every pending registration, also those of engines that were closed and freed
+    # before this sweep (their __del__ leaves the hook behind once they are closed, and it
+    # would log into closed streams at exit).
+    atexit.unregister(Engine._close)
     gc.collect()

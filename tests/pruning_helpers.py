@@ -98,9 +98,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def composer_launch(nproc: int, script: Path, *args: str, timeout: int = 600):
-    """Runs ``composer -n nproc script args`` on CPU and returns the completed process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def composer_launch(
+    nproc: int, script: Path, *args: str, timeout: int = 600, env: dict[str, str] | None = None
+):
+    """Runs ``composer -n nproc script args`` on CPU and returns the completed process.
+
+    ``env`` adds variables to the processes' environment.
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [
         str(VENV_BIN / "composer"),
         "-n",

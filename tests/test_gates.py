@@ -10,9 +10,12 @@ from composer_shear.gates import (
     LIMIT_RIGHT,
     LOG_ALPHA_MAX,
     LOG_ALPHA_MIN,
+    MULTIPLIER_SHAPE,
     TEMPERATURE,
     HardConcreteGate,
 )
+from composer_shear.masking import attach_gates
+from tests.tiny_models import tiny_model
 
 
 def test_prob_nonzero_matches_monte_carlo():
@@ -185,3 +188,49 @@ def test_expected_keep_counts_bounds():
     with torch.no_grad():
         gate.log_alpha.fill_(LOG_ALPHA_MIN)
     assert gate.expected_keep_counts().tolist() == [1, 1]
+
+
+def test_multipliers_are_one_element_tensors_read_as_scalars():
+    # FSDP2's fully_shard rejects 0-dim parameters; everything else sees scalars.
+    gate = HardConcreteGate((3, 8), keep=5)
+    assert gate.lambda_1.shape == gate.lambda_2.shape == MULTIPLIER_SHAPE
+    with torch.no_grad():
+        gate.lambda_1.fill_(0.5)
+        gate.lambda_2.fill_(2.0)
+    lambda_1, lambda_2 = gate.multipliers()
+    assert lambda_1.shape == lambda_2.shape == ()
+    assert (lambda_1.item(), lambda_2.item()) == (0.5, 2.0)
+    term = gate.lagrangian(0.5)
+    assert term.shape == ()
+    term.backward()
+    assert gate.lambda_1.grad.shape == MULTIPLIER_SHAPE
+
+
+def test_checkpoints_with_zero_dim_multipliers_load():
+    gate = HardConcreteGate((3, 8), keep=5, seed=1)
+    old = {k: v.clone() for k, v in gate.state_dict().items()}
+    old["lambda_1"] = torch.tensor(0.75)  # the layout before the multipliers were (1,)
+    old["lambda_2"] = torch.tensor(-1.5)
+    fresh = HardConcreteGate((3, 8), keep=5, seed=2)
+    fresh.load_state_dict(old)  # strict
+    assert fresh.lambda_1.shape == MULTIPLIER_SHAPE
+    assert fresh.lambda_1.tolist() == [0.75] and fresh.lambda_2.tolist() == [-1.5]
+    assert torch.equal(fresh.log_alpha, gate.log_alpha)
+    # A current checkpoint round-trips unchanged.
+    again = HardConcreteGate((3, 8), keep=5, seed=3)
+    again.load_state_dict(fresh.state_dict())
+    assert again.lambda_2.tolist() == [-1.5]
+
+
+def test_penalty_and_metrics_are_scalars_hardened_or_not():
+    # BATCH_END stacks every metric into one tensor: each must be 0-dim.
+    gates = attach_gates(tiny_model("llama_gqa"), dict(num_hidden_layers=2, intermediate_size=48))
+    for harden in (False, True):
+        if harden:
+            gates.harden_()
+        penalty, metrics = gates.lagrangian_penalty()
+        assert penalty.shape == ()
+        assert {name: value.shape for name, value in metrics.items()} == {
+            name: () for name in metrics
+        }
+        torch.stack(list(metrics.values()))

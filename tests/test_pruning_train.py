@@ -63,14 +63,35 @@ def test_resume_halfway_is_identical(tiny_tokenizer_dir, tmp_path):
     straight_loss = float(straight.state.loss["lm"])
     straight.close()
 
-    resumed = run_prune(model_dir, data_dir, "max_duration=24ba", f"load_path={save}/ba12.pt")
-    assert int(resumed.state.timestamp.batch) == 24
-    resumed_gates = gate_state(gates_of(resumed))
-    for key, value in straight_gates.items():
-        assert torch.equal(value, resumed_gates[key]), key
-    assert float(resumed.state.loss["lm"]) == straight_loss
+    # The same checkpoint in the layout written before the multipliers were (1,)-shaped.
+    old_layout = _with_zero_dim_multipliers(save / "ba12.pt", tmp_path / "old_ba12.pt")
+    for load_path in (save / "ba12.pt", old_layout):
+        resumed = run_prune(model_dir, data_dir, "max_duration=24ba", f"load_path={load_path}")
+        assert int(resumed.state.timestamp.batch) == 24
+        resumed_gates = gate_state(gates_of(resumed))
+        for key, value in straight_gates.items():
+            assert torch.equal(value, resumed_gates[key]), (load_path, key)
+        assert float(resumed.state.loss["lm"]) == straight_loss, load_path
+        resumed.close()
     # The multipliers did move during the run (the comparison is not vacuous).
-    assert any(v.abs().item() > 0 for k, v in straight_gates.items() if "lambda" in k)
+    assert any(v.abs().max().item() > 0 for k, v in straight_gates.items() if "lambda" in k)
+
+
+def _with_zero_dim_multipliers(path, out):
+    """Rewrites a checkpoint with 0-dim multipliers and 0-dim Adam moments for them."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint["state"]
+    multipliers = [k for k in state["model"] if k.endswith(("lambda_1", "lambda_2"))]
+    assert multipliers
+    for key in multipliers:
+        state["model"][key] = state["model"][key].reshape(())
+        for optimizer in state["optimizers"].values():
+            slots = optimizer["state"][key]
+            assert slots["exp_avg"].shape == (1,)
+            for name in ("exp_avg", "exp_avg_sq"):
+                slots[name] = slots[name].reshape(())
+    torch.save(checkpoint, out)
+    return out
 
 
 RANK_SCRIPT = """

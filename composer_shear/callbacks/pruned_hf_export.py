@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -12,8 +11,16 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_shear.data.descriptors import bound_open_files
-from composer_shear.export import DTYPES, export_model, find_gated_hf_model
+from composer_shear.export import (
+    DTYPES,
+    MODEL_PREFIX,
+    export_model,
+    find_gated_hf_model,
+    gated_model_from_weights,
+)
+from composer_shear.masking import find_gates
 from composer_shear.output_paths import OutputPathError, check_output_dir
+from composer_shear.sharding import full_state_dict, is_sharded
 
 __all__ = ["PrunedHFExport"]
 
@@ -22,21 +29,13 @@ log = logging.getLogger(__name__)
 KEY = "callbacks.pruned_hf_export"
 
 
-def _full_params(model):
-    """Context that gathers FSDP-sharded parameters onto rank 0 (no-op without FSDP)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if any(isinstance(module, FSDP) for module in model.modules()):
-        return FSDP.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=True)
-    return contextlib.nullcontext()
-
-
 class PrunedHFExport(Callback):
     """Exports the pruned model as a Hugging Face directory at fit end (and every ``interval``).
 
     Rank 0 applies the deterministic masks, folds and slices (see
     :mod:`composer_shear.surgery`) and writes config, safetensors, tokenizer and generation
-    config atomically; under FSDP the parameters are gathered to rank 0 first.
+    config atomically. Under FSDP (1 or 2) the full state dict is first gathered to rank 0's
+    CPU, tensor by tensor, and rank 0 rebuilds the gated model from it.
 
     The export folders are checked at ``Event.INIT`` (creatable, writable, not a non-empty
     folder unless ``overwrite``), so a bad ``save_folder`` stops the run before training. If
@@ -141,13 +140,15 @@ class PrunedHFExport(Callback):
     def _export(self, state: State, logger: Logger, folder: Path) -> str | None:
         """Exports on rank 0; returns rank 0's error message (on every rank), or ``None``."""
         error: str | None = None
-        with _full_params(state.model):
-            if dist.get_global_rank() == 0:
-                try:
-                    self._export_rank0(state, logger, folder)
-                except Exception as exc:  # reported below, after the other ranks know
-                    log.exception("pruned_hf_export: export to %s failed", folder)
-                    error = f"{type(exc).__name__}: {exc}"
+        # Every rank takes part in the gather; only rank 0 receives the tensors.
+        weights = full_state_dict(state.model) if is_sharded(state.model) else None
+        if dist.get_global_rank() == 0:
+            try:
+                self._export_rank0(state, logger, folder, weights)
+            except Exception as exc:  # reported below, after the other ranks know
+                log.exception("pruned_hf_export: export to %s failed", folder)
+                error = f"{type(exc).__name__}: {exc}"
+        del weights
         # Every rank learns whether rank 0 succeeded, so none waits forever on a failed export.
         status = [error]
         dist.broadcast_object_list(status, src=0)
@@ -189,8 +190,17 @@ class PrunedHFExport(Callback):
             return None, error
         return (Path(saved) if saved else Path(choice[0])), None
 
-    def _export_rank0(self, state: State, logger: Logger, folder: Path) -> None:
+    def _export_rank0(
+        self, state: State, logger: Logger, folder: Path, weights: dict | None
+    ) -> None:
         hf_model = find_gated_hf_model(state.model)
+        if weights is not None:
+            # Sharded: rebuild an unsharded CPU copy from the gathered state dict.
+            if not all(key.startswith(MODEL_PREFIX) for key in weights):
+                raise RuntimeError("unexpected state dict layout (keys without 'model.')")
+            target = find_gates(hf_model).target.config_updates()
+            weights = {key[len(MODEL_PREFIX) :]: value for key, value in weights.items()}
+            hf_model = gated_model_from_weights(hf_model.config, weights, target)
         tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
         summary = export_model(
             hf_model, folder, tokenizer, overwrite=self.overwrite, dtype=self.dtype
