@@ -25,6 +25,7 @@ resumed. Usage::
 
     python benchmarks/bench_quality.py --budget small            # all methods
     python benchmarks/bench_quality.py --methods oneshot learned_init --budget default
+    python benchmarks/bench_quality.py --budget small --table-only   # table and plot only
 """
 
 from __future__ import annotations
@@ -127,6 +128,17 @@ def flop_params(model_dir: Path) -> int:
     if config.tie_word_embeddings:
         return total  # one matrix: looked up for free, multiplied as lm_head
     return total - config.vocab_size * config.hidden_size
+
+
+def point_flops(record: dict[str, Any], tokens: float) -> float:
+    """Training FLOPs spent by a method once it has seen ``tokens`` (pruning first, then CPT)."""
+    n_source, n_target = record["flop_params"]["source"], record["flop_params"]["target"]
+    prune = min(tokens, record["tokens"]["prune"])
+    cpt = max(0.0, tokens - record["tokens"]["prune"])
+    flops = 6 * n_source * prune + 2 * n_source * record["calibration_tokens"] + 6 * n_target * cpt
+    if record.get("kd"):
+        flops += 2 * n_source * tokens
+    return flops
 
 
 def last_metrics(metrics_file: Path, prefix: str) -> dict[str, float]:
@@ -243,10 +255,7 @@ def run_method(
     random_cut = route == "scratch" or spec.get("importance") == "random"
     calibration = 0 if random_cut else cfg["calibration_tokens"]
     prune_tokens, cpt_tokens = prune_steps * tokens_per_step, cpt_steps * tokens_per_step
-    flops = 6 * n_source * prune_tokens + 2 * n_source * calibration + 6 * n_target * cpt_tokens
-    if kd:  # the teacher's forward on every training token
-        flops += 2 * n_source * (prune_tokens + cpt_tokens)
-    return {
+    record = {
         "method": name,
         "label": spec.get("label", name),
         "seed": seed,
@@ -258,10 +267,13 @@ def run_method(
         "after_cpt": after,
         "curve": curve,
         "seconds": times,
-        "train_flops": flops,
+        "flop_params": {"source": n_source, "target": n_target},
         "landing": landing,
         "export_gap": export_gap,
     }
+    # KD adds the teacher's forward (2 N_source) on every training token.
+    record["train_flops"] = point_flops(record, prune_tokens + cpt_tokens)
+    return record
 
 
 def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -> str:
@@ -280,7 +292,7 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
             return f"{values[0]:.3f}"
         return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
-    header = ["method", "train tokens", "train PFLOPs", "mean eval loss", *domains,
+    header = ["method", "train tokens", "train TFLOPs", "mean eval loss", *domains,
               "worst gap to ref", "before CPT", "export gap", "landing (units)", "wall time",
               "seeds"]  # fmt: skip
     rows = []
@@ -300,7 +312,7 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
         rows.append([
             label,
             f"{tokens['prune'] + tokens['cpt']:,} ({tokens['prune']:,} + {tokens['cpt']:,})",
-            f"{flops[0] / 1e15:.2f}" if flops else "-",
+            f"{flops[0] / 1e12:.1f}" if flops else "-",
             f"**{stat(means)}**",
             *per_domain,
             stat(gaps),
@@ -322,17 +334,22 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, ax_c) = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     for name in order:
         record = results[name][0]
         xs, ys = zip(*record["curve"], strict=True) if record["curve"] else ((), ())
         label = cfg["methods"].get(record["method"], {}).get("label", record["label"])
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    ax.axhline(statistics.fmean(reference.values()), color="grey", ls=":", label="source model")
+        if record.get("flop_params") and xs:
+            ax_c.plot([point_flops(record, x) / 1e12 for x in xs], ys, marker="o", markersize=3)
+    for axis in (ax, ax_c):
+        axis.axhline(statistics.fmean(reference.values()), color="grey", ls=":")
+        axis.grid(alpha=0.3)
     ax.set_xlabel("training tokens (pruning + CPT)")
+    ax_c.set_xlabel("training compute, TFLOPs (6 N per training token, 2 N per forward-only)")
     ax.set_ylabel(f"mean eval loss over {len(domains)} domains")
-    ax.set_title("SmolLM2-135M -> 80.2M: eval loss vs. training tokens (first seed)")
-    ax.grid(alpha=0.3)
+    ax.set_title("SmolLM2-135M -> 80.2M: eval loss vs. tokens (first seed)")
+    ax_c.set_title("the same vs. compute (source model dotted)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=120)
@@ -349,6 +366,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="override the settings' seeds")
     parser.add_argument("--out", help="output folder (default runs/bench_quality/<budget>)")
     parser.add_argument("--force", action="store_true", help="rerun finished methods")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite table and plot from finished results"
+    )
     args = parser.parse_args()
 
     cfg = yaml.safe_load(Path(args.settings).read_text())
@@ -362,6 +382,10 @@ def main() -> int:
     seeds = args.seeds or cfg["seeds"]
     log(f"bench_quality: {steps} steps x {cfg['global_batch_size']} x {cfg['max_seq_len']} "
         f"tokens per method; methods {methods}; seeds {seeds}; output {out}")  # fmt: skip
+    if args.table_only:
+        reference = json.loads((out / "source_losses.json").read_text())
+        log("\n" + write_outputs(out, cfg, reference))
+        return 0
     source, data, reference = prepare(out, cfg)
     started = time.perf_counter()
     for seed in seeds:
