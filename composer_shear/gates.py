@@ -201,14 +201,14 @@ class HardConcreteGate(nn.Module):
     def harden_(self, binary: bool = False) -> None:
         """Freezes the gate at its deterministic target values (:meth:`deterministic`).
 
-        Args:
-            binary: Freeze the 0/1 target mask instead (hidden gates, which are binary at
-                evaluation and export).
-
         From then on :meth:`sample` returns those values (no noise), :meth:`prob_nonzero` is
         the 0/1 keep mask (so the expected shape *is* the target) and the log-alphas and
         multipliers get no gradient. Every rank computes the same values from the same
         log-alphas.
+
+        Args:
+            binary: Freeze the 0/1 target mask instead (hidden gates, which are binary at
+                evaluation and export).
         """
         values = self.deterministic_keep_mask() if binary else self.deterministic()
         self.hard_value.copy_(values.to(self.hard_value))

@@ -565,6 +565,11 @@ class TargetedPruning(Algorithm):
                     if index >= self.landing_eval_batches:
                         break
                     batches.append(state.device.batch_to_device(batch))
+                # Every rank must run the same number of forwards (FSDP gathers inside each,
+                # and the losses are all-reduced): the smallest rank's count.
+                count = state.device.tensor_to_device(torch.tensor(len(batches)))
+                dist.all_reduce(count, reduce_operation="MIN")
+                batches = batches[: int(count.item())]
                 if not batches:
                     continue
                 labels += 1

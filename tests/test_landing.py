@@ -171,10 +171,11 @@ class GateRecorder(Callback):
 
 
 callbacks.register("gate_recorder", func=GateRecorder)
-from tests.pruning_helpers import run_prune
+from tests.test_landing import run_prune  # with an eval loader: landing evals on 2 ranks
 model_dir, data_dir, out = sys.argv[1:4]
 run_prune(model_dir, data_dir, "max_duration=8ba", "algorithms.targeted_pruning.harden_at=4ba",
-          f"callbacks.gate_recorder.out={out}")
+          "eval_interval=3ba", f"callbacks.gate_recorder.out={out}",
+          f"loggers.jsonl_metrics.path={out}.metrics.jsonl")
 """
 
 
@@ -194,6 +195,12 @@ def test_two_ranks_harden_together_under_ddp(tiny_tokenizer_dir, tmp_path):
     # After hardening the log-alphas no longer move (no gradient reaches them).
     after = [row["gates.intermediate.log_alpha"] for row in runs[0]["rows"][4:]]
     assert all(a == after[0] for a in after)
+    # The landing evaluation ran on both ranks (all-reduced; evals at 3, 6 and the end).
+    log = read_metrics(tmp_path / "gates.metrics.jsonl")
+    steps, target = log.get("pruning/landing/target_loss")
+    assert steps == [3, 6, 8] and all(math.isfinite(v) for v in target)
+    _, expected = log.get("pruning/landing/expected_loss")
+    assert expected[1:] == target[1:] and expected[0] != target[0]  # hardened at batch 4
 
 
 @pytest.mark.slow
