@@ -352,3 +352,70 @@ def test_a_model_missing_a_tensor_is_not_scored(fake_source, tiny_model_dir, tmp
     yaml_path = build_eval_data(tmp_path / "eval", ["piqa"], source=fake_source, verbose=False)
     with pytest.raises(EvalDataError, match=r"down_proj.weight.*not in its safetensors"):
         evaluate_downstream(broken, yaml_path, verbose=False)
+
+
+# ------------------------------------------------------------------------------ eval recipes
+
+EVAL_RECIPES = sorted(REPO.glob("yamls/*/eval*.yaml"))
+
+
+def load_eval_recipe(path: Path, overrides: dict[str, str]):
+    from llmfoundry.command_utils.eval import allow_toplevel_keys
+    from llmfoundry.utils.config_utils import (
+        EVAL_CONFIG_KEYS,
+        EvalConfig,
+        make_dataclass_and_log_config,
+    )
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    _, config = make_dataclass_and_log_config(
+        cfg, EvalConfig, EVAL_CONFIG_KEYS, transforms=[allow_toplevel_keys],
+        icl_tasks_required=False,
+    )
+    return config
+
+
+def test_eval_recipes_exist():
+    assert {p.parent.name for p in EVAL_RECIPES} >= {"smollm2", "llama2-7b"}
+
+
+@pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_eval_recipe_is_a_valid_llmfoundry_eval_config(path):
+    config = load_eval_recipe(
+        path, {"variables.model_dir": "MODEL", "variables.eval_data": "/data/eval"}
+    )
+    assert config.icl_tasks_str == "/data/eval/icl_tasks.yaml"  # the eval-data output
+    (model,) = config.models
+    assert model["model"]["name"] == "hf_causal_lm"
+    assert model["model"]["pretrained_model_name_or_path"] == "MODEL"
+    assert config.precision == ("fp32" if path.parent.name == "smollm2" else "amp_bf16")
+    header = path.read_text().split("\nvariables:")[0]
+    assert "composer-shear eval-data" in header and "llmfoundry eval" in header
+
+
+@pytest.mark.slow
+def test_llmfoundry_eval_of_the_cpu_recipe_matches_evaluate_downstream(
+    fake_source, tiny_model_dir, tmp_path, monkeypatch
+):
+    from llmfoundry.command_utils import eval_from_yaml
+
+    data = build_eval_data(tmp_path / "eval", ["piqa", "winogrande", "lambada"],
+                           source=fake_source, tokenizer=tiny_model_dir, max_seq_len=256,
+                           verbose=False).parent
+    entries = {e["label"]: e for e in load_icl_tasks(data)}
+    assert all(0 < e["max_seq_len"] <= 256 for e in entries.values())
+    ours = evaluate_downstream(tiny_model_dir, data, verbose=False)
+    monkeypatch.chdir(tmp_path)  # llmfoundry eval copies the data files into the cwd
+    trainers, _ = eval_from_yaml(
+        str(REPO / "yamls/smollm2/eval.yaml"),
+        [f"variables.model_dir={tiny_model_dir}", f"variables.eval_data={data}"],
+    )
+    metrics = trainers[0].state.eval_metrics
+    for name, result in ours.items():
+        metric = next(iter(metrics[f"{name}/0-shot"].values()))
+        assert float(metric.total) == result.n
+        assert float(metric.correct) == round(result.accuracy * result.n), name
+    trainers[0].close()

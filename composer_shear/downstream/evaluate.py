@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from composer_shear.downstream.data import EvalDataError, load_icl_tasks
+from composer_shear.downstream.lengths import context_limit, tight_max_seq_lens
 
 __all__ = [
     "TaskResult",
@@ -151,89 +152,6 @@ def results_table(
 
 
 # --------------------------------------------------------------------------------------------
-# Sequence lengths
-# --------------------------------------------------------------------------------------------
-
-
-def _context_limit(model_dir: Path) -> int | None:
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    value = config.get("max_position_embeddings")
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def _longest_sequence(task: Mapping[str, Any], tokenizer: Any, cap: int, scratch: Path) -> int:
-    """Tokens of the task's longest prompt + continuation, built by LLM Foundry's own dataset.
-
-    The dataset is built exactly as the evaluation builds it (same few-shot sampling seed,
-    delimiters and tokenizer), at ``cap`` tokens, and the unpadded lengths are read back.
-    """
-    from llmfoundry.eval.datasets.in_context_learning_evaluation import get_icl_task_dataloader
-
-    options = {
-        k: v
-        for k, v in task.items()
-        if k
-        not in (
-            "label",
-            "dataset_uri",
-            "icl_task_type",
-            "batch_size",
-            "metric_names",
-            "has_categories",
-            "num_fewshot",
-            "max_seq_len",
-        )
-    }
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    longest = 1
-    for shots in task["num_fewshot"]:
-        spec = get_icl_task_dataloader(
-            icl_task_type=task["icl_task_type"],
-            dataset_uri=task["dataset_uri"],
-            tokenizer=tokenizer,
-            batch_size=1,
-            destination_path=str(scratch / f"measure-{task['label']}-{shots}.jsonl"),
-            kwargs={**options, "max_seq_len": cap, "pad_tok_id": pad, "num_fewshot": shots},
-        )
-        dataset = spec.dataloader.dataset
-        for index in range(len(dataset)):
-            item = dataset[index]
-            if "continuation_indices" in item:
-                spans = item["continuation_indices"]
-                # Multiple choice / schema: one span per choice; language modelling: one span.
-                ends = (
-                    [s[-1] for s in spans] if spans and isinstance(spans[0], list) else [spans[-1]]
-                )
-                longest = max(longest, *(int(e) + 1 for e in ends))
-            else:
-                # Generation: the prompt is left-padded; room for the answer comes on top.
-                ids = item[dataset.context_key]
-                leading = next((i for i, t in enumerate(ids) if t != pad), len(ids))
-                longest = max(longest, len(ids) - leading + dataset.max_answer_length)
-    return longest
-
-
-def _tight_lengths(
-    tasks: Sequence[Mapping[str, Any]], tokenizer: Any, cap: int, scratch: Path
-) -> dict[str, int]:
-    lengths = {}
-    for task in tasks:
-        longest = _longest_sequence(task, tokenizer, cap, scratch)
-        if longest >= cap:
-            log.warning(
-                "%s: a prompt needs %s or more tokens; LLM Foundry cuts it from the left to %s.",
-                task["label"],
-                cap,
-                cap,
-            )
-        lengths[task["label"]] = min(cap, 8 * math.ceil(longest / 8))
-    return lengths
-
-
-# --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
@@ -325,7 +243,8 @@ def evaluate_downstream(
             a multiple-choice item counts once per choice).
         max_seq_len: Upper bound of every task's sequence length. Default: the model's
             ``max_position_embeddings``. Each task uses the smallest multiple of 8 that holds
-            its longest sequence, up to this bound.
+            its longest sequence with this model's tokenizer, up to this bound (a
+            ``max_seq_len`` in the YAML is replaced by that).
         precision: Composer precision; default ``amp_bf16`` on a GPU, ``fp32`` on CPU.
         labels: Only these task labels (default: every task of the YAML).
         verbose: Print one line per task (and progress every ``progress_interval_s``).
@@ -358,14 +277,14 @@ def evaluate_downstream(
         entries = [e for e in entries if e["label"] in set(labels)]
     if not (model_dir / "config.json").is_file():
         raise EvalDataError(f"{model_dir} is not a Hugging Face model directory (no config.json).")
-    cap = max_seq_len or _context_limit(model_dir) or 2048
+    cap = max_seq_len or context_limit(model_dir) or 2048
     if precision is None:
         precision = "amp_bf16" if torch.cuda.is_available() else "fp32"
 
     started = time.perf_counter()
     tokenizer = build_tokenizer(str(model_dir), {})
     with tempfile.TemporaryDirectory(prefix="composer_shear_icl_") as scratch:
-        lengths = _tight_lengths(entries, tokenizer, cap, Path(scratch))
+        lengths = tight_max_seq_lens(entries, tokenizer, cap)
         icl_tasks = [{**e, "max_seq_len": lengths[e["label"]]} for e in entries]
         evaluators, _ = build_icl_evaluators(
             icl_tasks,
