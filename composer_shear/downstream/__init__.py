@@ -20,6 +20,7 @@ __all__ = [
     "EvalDataError",
     "TaskResult",
     "build_eval_data",
+    "downstream_score",
     "evaluate_downstream",
     "load_icl_tasks",
     "mean_accuracy",
@@ -32,6 +33,7 @@ _HOMES = {
     "build_eval_data": "data",
     "load_icl_tasks": "data",
     "TaskResult": "evaluate",
+    "downstream_score": "evaluate",
     "evaluate_downstream": "evaluate",
     "mean_accuracy": "evaluate",
 }

@@ -34,13 +34,19 @@ from typing import Any, NamedTuple
 
 from composer_shear.downstream.data import EvalDataError, load_icl_tasks
 from composer_shear.downstream.lengths import context_limit, tight_max_seq_lens
+from composer_shear.downstream.tasks import TASKS
 
 __all__ = [
+    "HARNESS",
     "TaskResult",
+    "chance_levels",
+    "downstream_score",
     "evaluate_downstream",
     "mean_accuracy",
+    "read_results",
     "register_cli",
     "results_table",
+    "write_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,11 @@ class TaskResult(NamedTuple):
         return cls(p, math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else 0.0, n)
 
 
+def chance_levels() -> dict[str, float]:
+    """Accuracy of guessing for every known task (for the tables' chance column)."""
+    return {name: spec.chance for name, spec in TASKS.items()}
+
+
 def mean_accuracy(results: Mapping[str, TaskResult]) -> TaskResult:
     """The unweighted mean accuracy over tasks (the paper's "average"), with its standard error.
 
@@ -105,23 +116,28 @@ def mean_accuracy(results: Mapping[str, TaskResult]) -> TaskResult:
 
 
 def results_table(
-    columns: Mapping[str, Mapping[str, TaskResult]], tasks: Sequence[str] | None = None
+    columns: Mapping[str, Mapping[str, TaskResult]],
+    tasks: Sequence[str] | None = None,
+    chance: Mapping[str, float] | None = None,
 ) -> str:
     """A Markdown table of accuracies: one row per task, one column per model, plus the mean.
 
     Args:
         columns: ``{column title: {task: result}}``.
         tasks: Row order (default: the tasks of the first column, in its order).
+        chance: Accuracy of guessing per task, shown in its own column when given.
 
     Returns:
-        Markdown; each cell ``accuracy ± stderr``, the item count in its own column when every
-        model scored the same number of items of that task.
+        Markdown; each cell ``accuracy ± stderr``, the item count in its own column (``a/b``
+        when the models scored different numbers of items). The mean row is the unweighted
+        mean over tasks with its standard error; a model without every task has none.
     """
     titles = list(columns)
     if tasks is None:
         tasks = list(next(iter(columns.values()), {}))
-    header = "| task | n | " + " | ".join(titles) + " |"
-    lines = [header, "|---|---:|" + "---:|" * len(titles)]
+    header = "| task | n | " + ("chance | " if chance is not None else "") + " | ".join(titles)
+    lines = [header + " |", "|---|---:|" + ("---:|" if chance is not None else "")]
+    lines[-1] += "---:|" * len(titles)
 
     def cell(result: TaskResult | None, bold: bool = False) -> str:
         if result is None or result.n == 0:
@@ -131,13 +147,12 @@ def results_table(
 
     for task in tasks:
         row = [columns[t].get(task) for t in titles]
-        counts = {r.n for r in row if r is not None}
-        n = (
-            str(counts.pop())
-            if len(counts) == 1
-            else "/".join(str(r.n) if r is not None else "-" for r in row)
-        )
-        lines.append(f"| {task} | {n} | " + " | ".join(cell(r) for r in row) + " |")
+        counts = [str(r.n) for r in row if r is not None]
+        n = counts[0] if len(set(counts)) == 1 else "/".join(counts)
+        guess = []
+        if chance is not None:
+            guess = [f"{chance[task]:.2f}" if task in chance else ""]
+        lines.append("| " + " | ".join([task, n, *guess, *(cell(r) for r in row)]) + " |")
     # A mean over another set of tasks would not be comparable: n/a unless a column has all.
     means = [
         mean_accuracy({t: columns[c][t] for t in tasks})
@@ -145,10 +160,57 @@ def results_table(
         else None
         for c in titles
     ]
+    mean_chance = []
+    if chance is not None:
+        known = [chance[t] for t in tasks if t in chance]
+        mean_chance = [f"{sum(known) / len(known):.2f}" if len(known) == len(tasks) else ""]
     lines.append(
-        f"| **mean of {len(tasks)}** | | " + " | ".join(cell(m, bold=True) for m in means) + " |"
+        "| "
+        + " | ".join(
+            [f"**mean of {len(tasks)}**", "", *mean_chance, *(cell(m, True) for m in means)]
+        )
+        + " |"
     )
     return "\n".join(lines)
+
+
+def write_results(
+    path: str | Path, results: Mapping[str, Mapping[str, TaskResult]], **extra: Any
+) -> None:
+    """Writes per-model results as JSON (the format :func:`read_results` reads).
+
+    Args:
+        path: The JSON file.
+        results: ``{model: {task: TaskResult}}``.
+        **extra: Further top-level keys (what was evaluated, timings).
+    """
+    data = {
+        "harness": HARNESS,
+        "models": {
+            model: {task: r._asdict() for task, r in per_task.items()}
+            for model, per_task in results.items()
+        },
+        **extra,
+    }
+    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def read_results(data: Mapping[str, Any]) -> dict[str, dict[str, TaskResult]]:
+    """``{model: {task: TaskResult}}`` from the parsed JSON of :func:`write_results`.
+
+    Raises:
+        ValueError: the data does not have that layout.
+    """
+    try:
+        return {
+            model: {
+                task: TaskResult(float(r["accuracy"]), float(r["stderr"]), int(r["n"]))
+                for task, r in per_task.items()
+            }
+            for model, per_task in data["models"].items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"not a downstream results file ({type(e).__name__}: {e})") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,22 +412,22 @@ def evaluate_downstream(
     return results
 
 
-def write_results(path: str | Path, results: Mapping[str, TaskResult], **extra: Any) -> None:
-    """Writes ``{"harness", "results": {task: {accuracy, stderr, n}}, **extra}`` as JSON."""
-    data = {
-        "harness": HARNESS,
-        "results": {k: r._asdict() for k, r in results.items()},
-        **extra,
-    }
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+def downstream_score(
+    model_dir: str | Path, tasks: str | Path, **kwargs: Any
+) -> tuple[TaskResult, dict[str, TaskResult]]:
+    """Mean downstream accuracy of one model: a single number for benchmark tables.
 
+    Args:
+        model_dir: A Hugging Face directory.
+        tasks: A folder from ``composer-shear eval-data`` (or an ``icl_tasks`` YAML).
+        **kwargs: Passed to :func:`evaluate_downstream` (``batch_size``, ``labels``, ...).
 
-def read_results(data: Mapping[str, Any]) -> dict[str, TaskResult]:
-    """``{task: {accuracy, stderr, n}}`` (as written by :func:`write_results`) -> results."""
-    return {
-        task: TaskResult(float(r["accuracy"]), float(r["stderr"]), int(r["n"]))
-        for task, r in data.items()
-    }
+    Returns:
+        ``(mean, per_task)``: the unweighted mean over tasks as a :class:`TaskResult`
+        (accuracy, its standard error, items over all tasks) and the per-task results.
+    """
+    per_task = evaluate_downstream(model_dir, tasks, **kwargs)
+    return mean_accuracy(per_task), per_task
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,9 +448,10 @@ def _run_cli(args: argparse.Namespace) -> int:
     except (EvalDataError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(results_table({Path(args.model).name: results}))
+    name = Path(args.model).name
+    print(results_table({name: results}, chance=chance_levels()))
     if args.out:
-        write_results(args.out, results, model=str(args.model), tasks=str(args.tasks))
+        write_results(args.out, {name: results}, model_dir=str(args.model), tasks=str(args.tasks))
         print(f"Wrote {args.out}")
     return 0
 

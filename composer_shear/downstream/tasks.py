@@ -88,6 +88,7 @@ class TaskSpec:
         reference: Paper / home page of the dataset.
         continuation_delimiter: Text between the query and the scored continuation.
         convert: Source row -> ICL row.
+        chance: Expected accuracy of guessing (1 / choices; 0 for exact-match tasks).
         icl_options: Further keys of the ``icl_tasks`` entry.
         num_choices: Keep only rows with this many choices. LLM Foundry batches a
             multiple-choice task by the choice count of its first row (``split_batch`` cuts
@@ -106,6 +107,7 @@ class TaskSpec:
     reference: str
     continuation_delimiter: str
     convert: Callable[[Mapping[str, Any]], Row]
+    chance: float
     icl_options: Mapping[str, Any] = field(default_factory=dict)
     num_choices: int | None = None
 
@@ -266,6 +268,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Clark et al. 2018, arXiv:1803.05457 (allenai.org/data/arc)",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_arc,
+            chance=0.25,
             num_choices=4,
         ),
         TaskSpec(
@@ -284,6 +287,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Clark et al. 2018, arXiv:1803.05457 (allenai.org/data/arc)",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_arc,
+            chance=0.25,
             num_choices=4,
         ),
         TaskSpec(
@@ -298,6 +302,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Zellers et al. 2019, arXiv:1905.07830 (rowanzellers.com/hellaswag)",
             continuation_delimiter=" ",
             convert=_hellaswag,
+            chance=0.25,
         ),
         TaskSpec(
             name="piqa",
@@ -311,6 +316,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Bisk et al. 2020, arXiv:1911.11641 (yonatanbisk.com/piqa)",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_piqa,
+            chance=0.5,
         ),
         TaskSpec(
             name="winogrande",
@@ -326,6 +332,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Sakaguchi et al. 2020, arXiv:1907.10641",
             continuation_delimiter=" ",
             convert=_winogrande,
+            chance=0.5,
         ),
         TaskSpec(
             name="boolq",
@@ -339,6 +346,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Clark et al. 2019, arXiv:1905.10044",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_boolq,
+            chance=0.5,
         ),
         TaskSpec(
             name="sciq",
@@ -352,6 +360,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Welbl et al. 2017, arXiv:1707.06209 (allenai.org/data/sciq)",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_sciq,
+            chance=0.25,
         ),
         TaskSpec(
             name="lambada",
@@ -367,6 +376,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Paperno et al. 2016, arXiv:1606.06031; Radford et al. 2019 (test split)",
             continuation_delimiter="",
             convert=_lambada,
+            chance=0.0,
         ),
         TaskSpec(
             name="mmlu",
@@ -380,6 +390,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Hendrycks et al. 2021, arXiv:2009.03300",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_mmlu,
+            chance=0.25,
             # One evaluator per subject, so few-shot examples come from the same subject;
             # the task's accuracy is pooled over all questions.
             icl_options={"has_categories": True},
@@ -396,6 +407,7 @@ TASKS: dict[str, TaskSpec] = {
             reference="Kwiatkowski et al. 2019; Lee et al. 2019 (open-domain split)",
             continuation_delimiter="\nA:",
             convert=_nq_open,
+            chance=0.0,
             icl_options={"early_stopping_criteria": ["\n"]},
         ),
     )
