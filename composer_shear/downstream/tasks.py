@@ -265,7 +265,7 @@ TASKS: dict[str, TaskSpec] = {
             paper_shots=0,
             licence="CC BY-SA 4.0",
             commercial_use="yes",
-            reference="Clark et al. 2018, arXiv:1803.05457 (allenai.org/data/arc)",
+            reference="Clark et al. 2018, arXiv:1803.05457",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_arc,
             chance=0.25,
@@ -284,7 +284,7 @@ TASKS: dict[str, TaskSpec] = {
             paper_shots=25,
             licence="CC BY-SA 4.0",
             commercial_use="yes",
-            reference="Clark et al. 2018, arXiv:1803.05457 (allenai.org/data/arc)",
+            reference="Clark et al. 2018, arXiv:1803.05457",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_arc,
             chance=0.25,
@@ -299,7 +299,7 @@ TASKS: dict[str, TaskSpec] = {
             paper_shots=10,
             licence="MIT",
             commercial_use="yes",
-            reference="Zellers et al. 2019, arXiv:1905.07830 (rowanzellers.com/hellaswag)",
+            reference="Zellers et al. 2019, arXiv:1905.07830",
             continuation_delimiter=" ",
             convert=_hellaswag,
             chance=0.25,
@@ -313,7 +313,7 @@ TASKS: dict[str, TaskSpec] = {
             paper_shots=0,
             licence="not stated by the authors (dataset card: unknown)",
             commercial_use="unclear",
-            reference="Bisk et al. 2020, arXiv:1911.11641 (yonatanbisk.com/piqa)",
+            reference="Bisk et al. 2020, arXiv:1911.11641",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_piqa,
             chance=0.5,
@@ -357,14 +357,14 @@ TASKS: dict[str, TaskSpec] = {
             paper_shots=0,
             licence="CC BY-NC 3.0 (non-commercial)",
             commercial_use="no",
-            reference="Welbl et al. 2017, arXiv:1707.06209 (allenai.org/data/sciq)",
+            reference="Welbl et al. 2017, arXiv:1707.06209",
             continuation_delimiter=_ANSWER_DELIMITER,
             convert=_sciq,
             chance=0.25,
         ),
         TaskSpec(
             name="lambada",
-            title="LAMBADA (OpenAI version)",
+            title="LAMBADA, OpenAI version",
             icl_task_type="language_modeling",
             source=Source(
                 "oe_requests", ("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",), "test"
@@ -373,14 +373,14 @@ TASKS: dict[str, TaskSpec] = {
             paper_shots=0,
             licence="CC BY 4.0 (LAMBADA); the OpenAI preprocessing's card states MIT",
             commercial_use="yes",
-            reference="Paperno et al. 2016, arXiv:1606.06031; Radford et al. 2019 (test split)",
+            reference="Paperno et al. 2016, arXiv:1606.06031; test split as prepared by OpenAI",
             continuation_delimiter="",
             convert=_lambada,
             chance=0.0,
         ),
         TaskSpec(
             name="mmlu",
-            title="MMLU (57 subjects)",
+            title="MMLU, 57 subjects",
             icl_task_type="multiple_choice",
             source=Source("hf_disk", ("hf_datasets/hails/mmlu_no_train/*/test",), "test"),
             rows=14042,
@@ -397,14 +397,14 @@ TASKS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             name="nq_open",
-            title="Natural Questions (open)",
+            title="Natural Questions, open",
             icl_task_type="generation_task_with_answers",
             source=Source("hf_disk", ("hf_datasets/nq_open/none/validation",), "validation"),
             rows=3610,
             paper_shots=32,
             licence="CC BY-SA 3.0",
             commercial_use="yes",
-            reference="Kwiatkowski et al. 2019; Lee et al. 2019 (open-domain split)",
+            reference="Kwiatkowski et al. 2019; open-domain split of Lee et al. 2019",
             continuation_delimiter="\nA:",
             convert=_nq_open,
             chance=0.0,
@@ -456,7 +456,7 @@ def licence_table(names: list[str] | tuple[str, ...] | None = None) -> str:
         spec = task_spec(name)
         use = spec.commercial_use if spec.commercial_use == "yes" else f"**{spec.commercial_use}**"
         lines.append(
-            f"| `{spec.name}` | {spec.title} ({spec.reference}) | {spec.source.split} | "
+            f"| `{spec.name}` | {spec.title}: {spec.reference} | {spec.source.split} | "
             f"{spec.rows:,} | {spec.paper_shots} | {spec.licence} | "
             f"{use} | "
             f"`{'`, `'.join(spec.source.paths)}` |"
