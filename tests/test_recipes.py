@@ -102,12 +102,16 @@ class Recipe:
 
 
 def recipe_paths() -> list[Path]:
-    """Every recipe YAML in ``yamls/*/`` except the test folder."""
+    """Every training recipe YAML in ``yamls/*/`` except the test folder.
+
+    ``eval*.yaml`` files are ``llmfoundry eval`` configs, checked by
+    ``tests/test_downstream.py`` against LLM Foundry's ``EvalConfig``.
+    """
     paths = [
         p
         for pattern in ("*/*.yaml", "*/*.yml")
         for p in YAML_ROOT.glob(pattern)
-        if p.parent.name not in EXCLUDED_FOLDERS
+        if p.parent.name not in EXCLUDED_FOLDERS and not p.name.startswith("eval")
     ]
     return sorted(paths)
 

@@ -343,6 +343,43 @@ def _losses_section(run: _Run) -> list[str]:
     return [*lines, ""]
 
 
+def _downstream_section(run: _Run) -> list[str]:
+    """Downstream accuracy per model, from ``RUN/eval/downstream.json`` (demo stage 8)."""
+    from composer_shear.downstream.evaluate import chance_levels, read_results, results_table
+
+    lines = ["## Downstream accuracy", ""]
+    data = _read_json(run.run_dir / "eval" / "downstream.json", run.notes)
+    if data is None:
+        return [*lines, "_No `eval/downstream.json` in this run._", ""]
+    try:
+        results = read_results(data)
+    except ValueError as e:
+        run.notes.append(f"`eval/downstream.json`: {e}.")
+        return [*lines, "_`eval/downstream.json` could not be read._", ""]
+    names = [
+        *[m for m in MODEL_ORDER if m in results],
+        *[m for m in results if m not in MODEL_ORDER],
+    ]
+    columns = {MODEL_LABELS.get(name, name): results[name] for name in names}
+    tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else None
+    lines += [results_table(columns, tasks, chance=chance_levels()), ""]
+    items = data.get("items_per_task")
+    lines.append(
+        "Accuracy ± standard error (sqrt(p(1-p)/(n-1))) over n items per task"
+        + (f" (a seeded subset of {items} per task, seed {data.get('seed')})" if items else "")
+        + "; the mean is unweighted over tasks. "
+        + f"Scored by {data.get('harness', 'LLM Foundry')}. Chance is the accuracy of guessing."
+    )
+    seconds = data.get("seconds")
+    if isinstance(seconds, Mapping) and seconds:
+        lines.append(
+            "Evaluation time: "
+            + ", ".join(f"{MODEL_LABELS.get(m, m)} {_fmt_seconds(t)}" for m, t in seconds.items())
+            + "."
+        )
+    return [*lines, ""]
+
+
 def _pruning_section(run: _Run) -> list[str]:
     m = run.prune
     if m is None:
@@ -557,6 +594,7 @@ def build_report(
         RUN/run.json          model, started, total_seconds, stages{}, models{}, settings{}
         RUN/metrics/prune.jsonl, RUN/metrics/cpt.jsonl   (JSONLMetricsLogger output)
         RUN/eval/losses.json  domains[], source{}, pruned{}, cpt{}, reference{}
+        RUN/eval/downstream.json  models{model: {task: {accuracy, stderr, n}}}, tasks[], ...
 
     Args:
         run_dir: The run folder.
@@ -584,6 +622,7 @@ def build_report(
         ]
     lines += _models_section(run)
     lines += _losses_section(run)
+    lines += _downstream_section(run)
     lines += _pruning_section(run)
     lines += _weights_section(run)
     lines += _plots_section(run)
