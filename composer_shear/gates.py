@@ -45,6 +45,7 @@ TEMPERATURE = 2.0 / 3.0
 # log-alpha is clamped after every optimizer step, as in the Sheared-LLaMA recipe.
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)
 _EPS = 1e-6
+_KEPT_FLOOR = torch.finfo(torch.float32).tiny
 # Shape of each Lagrange multiplier (see HardConcreteGate.__init__).
 MULTIPLIER_SHAPE = (1,)
 # Fill value of ``hard_value`` while a gate is not hardened (hardened values lie in [0, 1]).
@@ -211,6 +212,9 @@ class HardConcreteGate(nn.Module):
                 evaluation and export).
         """
         values = self.deterministic_keep_mask() if binary else self.deterministic()
+        kept = (values > 0).sum(-1)
+        if not bool((kept == self.keep).all()):  # kept values are > 0 by construction
+            raise RuntimeError(f"hardening kept {kept.tolist()} units per row, not {self.keep}")
         self.hard_value.copy_(values.to(self.hard_value))
 
     @property
@@ -281,16 +285,24 @@ class HardConcreteGate(nn.Module):
     def expected_value(self) -> torch.Tensor:
         """``E[z]`` per unit: the mean of the hard-concrete gate, > 0 for any finite log-alpha.
 
-        Computed by midpoint quadrature over the uniform noise ``u`` (the gate is a monotone
-        function of ``u``), deterministic and exact to about 1e-4.
+        Computed by midpoint quadrature over the part of the uniform noise ``u`` where the
+        gate is non-zero (the gate is a monotone function of ``u``; below ``u0`` it is exactly
+        0): ``E[z] = (1 - u0) * mean z(u)`` over ``u`` in ``(u0, 1)``, with ``1 - u0 =
+        P(z > 0)``. Deterministic, exact to about 1e-4 of the value, and strictly positive
+        even where ``P(z > 0)`` is tiny (log-alpha -10: 2e-4), where a quadrature over the
+        whole of ``(0, 1)`` has no point and would return 0.
         """
-        log_alpha = self.log_alpha.detach().float()
-        u = torch.arange(_QUADRATURE, device=log_alpha.device, dtype=torch.float32) + 0.5
-        u = u / _QUADRATURE
-        logit_u = torch.log(u) - torch.log1p(-u)
-        s = torch.sigmoid((logit_u + log_alpha.unsqueeze(-1)) / TEMPERATURE)
+        log_alpha = self.log_alpha.detach().float().unsqueeze(-1)
+        # z > 0  <=>  s > -l / (r - l)  <=>  logit(u) > T * log(-l / r) - log_alpha
+        # (logit(-l / (r - l)) = log(-l / r)); so 1 - u0 is prob_nonzero().
+        threshold = TEMPERATURE * _LOG_RATIO - log_alpha
+        width = torch.sigmoid(-threshold)  # 1 - u0 = P(z > 0), without cancellation
+        k = torch.arange(_QUADRATURE, device=log_alpha.device, dtype=torch.float32) + 0.5
+        tail = width * (k / _QUADRATURE)  # 1 - u at the midpoints of (u0, 1)
+        logit_u = torch.log1p(-tail) - torch.log(tail)
+        s = torch.sigmoid((logit_u + log_alpha) / TEMPERATURE)
         z = (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
-        return z.mean(-1)
+        return width.squeeze(-1) * z.mean(-1)
 
     @torch.no_grad()
     def deterministic(self, keep: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -312,7 +324,9 @@ class HardConcreteGate(nn.Module):
             return self.hard_value.float()
         log_alpha = self.log_alpha.detach().float()
         median = (torch.sigmoid(log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
-        value = torch.maximum(median, self.expected_value())
+        # The floor only matters where E[z] underflows fp32 (log-alpha below about -87): a
+        # kept unit is never exactly 0, so its keep mask can always be read off its value.
+        value = torch.maximum(median, self.expected_value()).clamp_min(_KEPT_FLOOR)
         return value * self.deterministic_keep_mask(keep)
 
     @torch.no_grad()

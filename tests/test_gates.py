@@ -74,11 +74,18 @@ def test_deterministic_count_is_exact_and_uniform():
 
 def test_expected_value_matches_monte_carlo():
     torch.manual_seed(2)
-    gate = HardConcreteGate((9,), keep=3)
+    gate = HardConcreteGate((9,), keep=3, log_alpha_range=(-10.0, 10.0))
     with torch.no_grad():
         gate.log_alpha.copy_(torch.linspace(LOG_ALPHA_MIN, LOG_ALPHA_MAX, 9))
     draws = torch.stack([gate.sample() for _ in range(40000)])
     assert torch.allclose(gate.expected_value(), draws.mean(0).detach(), atol=0.01)
+    # Deep in the tail, against the closed form of the probability it integrates over.
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(-10.0, -6.0, 9))
+    value, p_nonzero = gate.expected_value(), gate.prob_nonzero().detach()
+    assert torch.all(value > 0) and torch.all(value < p_nonzero)
+    draws = torch.stack([gate.sample() for _ in range(200000)])
+    assert torch.allclose(value, draws.mean(0), rtol=0.5, atol=2e-5)
 
 
 def test_kept_units_are_never_exported_as_zero():
@@ -94,6 +101,15 @@ def test_kept_units_are_never_exported_as_zero():
     assert torch.all(mask.sum(-1) == 4)
     assert torch.all(det[mask] > 0), det
     assert torch.all(det[~mask] == 0)
+    # Far below the paper's clamp (log_alpha_range [-10, 10], the SmolLM2 recipes): P(z > 0)
+    # is 2e-4 there, less than one quadrature cell of (0, 1); E[z] must still be positive.
+    with torch.no_grad():
+        gate.log_alpha[1].fill_(-10.0)
+    det = gate.deterministic()
+    assert torch.all(det[gate.deterministic_keep_mask()] > 0), det
+    gate.harden_()
+    assert torch.equal(gate.expected_keep(), torch.full((3,), 4.0))
+    gate.hard_value.fill_(-1.0)
     # Confidently kept units are not rescaled.
     with torch.no_grad():
         gate.log_alpha.fill_(LOG_ALPHA_MAX)

@@ -1,0 +1,102 @@
+"""Peak memory of a pruning job vs plain LLM Foundry training of the same model and batches.
+
+Runs ``yamls/smollm2/prune.yaml`` (the demo's pruning recipe: SmolLM2-135M, 8 x 128 tokens,
+7-domain dynamic batch loading) as real ``llmfoundry train`` jobs, each in its own process, for
+the same number of steps and evaluations, and prints each job's peak resident set size (the
+child's ``ru_maxrss``) and the ratios against plain training:
+
+* ``plain``: the recipe without ``targeted_pruning`` and ``pruned_hf_export`` (the same model,
+  data, loaders, evaluations, optimizer and domain reweighting);
+* ``pruning, uniform init``: with the gates, no importance calibration;
+* ``pruning (the recipe)``: with the gates and ``init: activation`` (calibration forwards).
+
+The goal is a ratio of at most 1.15: gates and multipliers are O(units).
+
+    python benchmarks/bench_memory.py [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_quality import SETTINGS, prepare
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"
+
+CHILD = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "RC", code)
+"""
+
+
+def job_yaml(out: Path, setup: str) -> Path:
+    """The recipe for one set-up, written to ``out``."""
+    cfg = OmegaConf.load(PRUNE_YAML)
+    if setup == "plain":
+        del cfg.algorithms["targeted_pruning"]
+        del cfg.callbacks["pruned_hf_export"]
+    elif setup == "uniform":
+        cfg.algorithms.targeted_pruning.init = "uniform"
+    path = out / f"{setup}.yaml"
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def peak_rss_mib(yaml_path: Path, overrides: list[str], log_path: Path) -> float:
+    """Runs ``llmfoundry train`` in a child process; returns its peak RSS in MiB."""
+    llmfoundry = Path(sys.executable).parent / "llmfoundry"
+    cmd = [sys.executable, "-c", CHILD, str(llmfoundry), "train", str(yaml_path), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    log_path.write_text(proc.stdout + proc.stderr)
+    last = [line for line in proc.stdout.splitlines() if line.startswith("MAXRSS_KB")]
+    if not last or not last[-1].endswith("RC 0"):
+        raise SystemExit(f"{yaml_path.name} failed; see {log_path}")
+    return int(last[-1].split()[1]) / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench_memory"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.to_container(OmegaConf.load(SETTINGS))
+    source, data, reference = prepare(out, cfg)
+    target_loss = ",".join(str(reference[d]) for d in cfg["domains"])
+    results: dict[str, float] = {}
+    for setup, label in (
+        ("plain", "plain training"),
+        ("uniform", "pruning, uniform init"),
+        ("recipe", "pruning (the recipe)"),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            overrides = [
+                f"variables.model_dir={source}",
+                f"variables.data_dir={data}",
+                f"variables.run_dir={tmp}",
+                f"variables.steps={args.steps}",
+                f"variables.update_interval={args.steps}ba",  # one evaluation, at the end
+                f"variables.target_loss=[{target_loss}]",
+            ]
+            results[label] = peak_rss_mib(
+                job_yaml(Path(tmp), setup), overrides, out / f"{setup}.log"
+            )
+        print(f"{label:>24}: peak RSS {results[label]:8.0f} MiB", flush=True)
+    base = results["plain training"]
+    for label, value in results.items():
+        print(f"{label:>24}: {value / base:.3f}x plain")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
