@@ -26,6 +26,7 @@ resumed. Usage::
     python benchmarks/bench_quality.py --budget small            # all methods
     python benchmarks/bench_quality.py --methods oneshot learned_init --budget default
     python benchmarks/bench_quality.py --budget small --table-only   # table and plot only
+    python benchmarks/bench_quality.py --budget small --downstream 200   # + downstream column
 """
 
 from __future__ import annotations
@@ -130,6 +131,27 @@ def flop_params(model_dir: Path) -> int:
     return total - config.vocab_size * config.hidden_size
 
 
+def downstream_record(model_dir: Path, tasks: Path) -> dict[str, Any]:
+    """Mean downstream accuracy (LLM Foundry ICL, see README) and the per-task results."""
+    from composer_shear.downstream.evaluate import downstream_score
+
+    mean, per_task = downstream_score(model_dir, tasks, batch_size=16)
+    return {"mean": list(mean), "per_task": {k: list(v) for k, v in per_task.items()}}
+
+
+def prepare_downstream(out: Path, source: Path, items: int) -> tuple[Path, dict[str, Any]]:
+    """Seeded ICL subsets of the default tasks (cached in ``out``) and the source's scores."""
+    from composer_shear.downstream.data import build_eval_data
+
+    tasks = out / f"downstream_data_{items}"
+    if not (tasks / "manifest.json").exists():
+        build_eval_data(tasks, items=items, seed=17, overwrite=True, tokenizer=source)
+    ref_path = out / f"source_downstream_{items}.json"
+    if not ref_path.exists():
+        ref_path.write_text(json.dumps(downstream_record(source, tasks), indent=2))
+    return tasks, json.loads(ref_path.read_text())
+
+
 def point_flops(record: dict[str, Any], tokens: float) -> float:
     """Training FLOPs spent by a method once it has seen ``tokens`` (pruning first, then CPT)."""
     n_source, n_target = record["flop_params"]["source"], record["flop_params"]["target"]
@@ -161,7 +183,7 @@ def target_overrides(cfg: dict[str, Any]) -> list[str]:
 
 def run_method(
     name: str, spec: dict[str, Any], seed: int, steps: int, out: Path, cfg: dict[str, Any],
-    source: Path, data: Path, reference: dict[str, float],
+    source: Path, data: Path, reference: dict[str, float], tasks: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Runs one method end to end; returns its result record."""
     run_dir = out / "runs" / f"{name}-s{seed}"
@@ -243,6 +265,7 @@ def run_method(
     times["cpt"] = time.perf_counter() - start
     final_dir = run_dir / "models" / "cpt" / "huggingface" / "final"
     after = evaluate(final_dir, data, cfg)
+    downstream = None if tasks is None else downstream_record(final_dir, tasks)
     curve = [
         ((prune_steps + step) * tokens_per_step, loss)
         for step, loss in eval_curve(run_dir / "metrics" / "cpt.jsonl", cfg["domains"])
@@ -270,13 +293,27 @@ def run_method(
         "flop_params": {"source": n_source, "target": n_target},
         "landing": landing,
         "export_gap": export_gap,
+        "downstream": downstream,
     }
     # KD adds the teacher's forward (2 N_source) on every training token.
     record["train_flops"] = point_flops(record, prune_tokens + cpt_tokens)
     return record
 
 
-def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -> str:
+def downstream_cell(means: list[list[float]]) -> str:
+    """``acc ± stderr (n items)`` of the first seed's mean accuracy, or ``-``."""
+    if not means:
+        return "-"
+    accuracy, stderr, n = means[0]
+    return f"{accuracy:.3f} ± {stderr:.3f} ({int(n)})"
+
+
+def write_outputs(
+    out: Path,
+    cfg: dict[str, Any],
+    reference: dict[str, float],
+    source_downstream: dict[str, Any] | None = None,
+) -> str:
     """Table (markdown) and plot of every result in ``out/results``."""
     results: dict[str, list[dict[str, Any]]] = {}
     for path in sorted((out / "results").glob("*.json")):
@@ -293,8 +330,8 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
         return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
     header = ["method", "train tokens", "train TFLOPs", "mean eval loss", *domains,
-              "worst gap to ref", "before CPT", "export gap", "landing (units)", "wall time",
-              "seeds"]  # fmt: skip
+              "worst gap to ref", "before CPT", "export gap", "landing (units)",
+              "downstream acc", "wall time", "seeds"]  # fmt: skip
     rows = []
     for name in order:
         records = results[name]
@@ -306,6 +343,7 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
         flops = [r["train_flops"] for r in records if r.get("train_flops")]
         gaps_export = [r["export_gap"] for r in records if r.get("export_gap") is not None]
         landings = [max(r["landing"].values()) for r in records if r.get("landing")]
+        accs = [r["downstream"]["mean"] for r in records if r.get("downstream")]
         seconds = statistics.fmean(sum(r["seconds"].values()) for r in records)
         # The settings' current label wins, so that relabelling needs no rerun.
         label = cfg["methods"].get(name, {}).get("label", records[0]["label"])
@@ -319,11 +357,14 @@ def write_outputs(out: Path, cfg: dict[str, Any], reference: dict[str, float]) -
             stat(befores) if befores else "-",
             stat(gaps_export) if gaps_export else "-",
             f"{max(landings):.2f}" if landings else "-",
+            downstream_cell(accs),
             f"{seconds / 60:.1f} min",
             ",".join(str(r["seed"]) for r in records),
         ])  # fmt: skip
+    source_acc = [source_downstream["mean"]] if source_downstream else []
     ref_row = ["source model (reference)", "-", "-", f"{statistics.fmean(reference.values()):.3f}",
-               *(f"{reference[d]:.3f}" for d in domains), "0", "-", "-", "-", "-", "-"]  # fmt: skip
+               *(f"{reference[d]:.3f}" for d in domains), "0", "-", "-", "-",
+               downstream_cell(source_acc), "-", "-"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in [*rows, ref_row]]
     table = "\n".join(lines)
@@ -369,6 +410,12 @@ def main() -> int:
     parser.add_argument(
         "--table-only", action="store_true", help="rewrite table and plot from finished results"
     )
+    parser.add_argument(
+        "--downstream",
+        type=int,
+        metavar="ITEMS",
+        help="also score every final model on the default downstream tasks, ITEMS per task",
+    )
     args = parser.parse_args()
 
     cfg = yaml.safe_load(Path(args.settings).read_text())
@@ -382,11 +429,16 @@ def main() -> int:
     seeds = args.seeds or cfg["seeds"]
     log(f"bench_quality: {steps} steps x {cfg['global_batch_size']} x {cfg['max_seq_len']} "
         f"tokens per method; methods {methods}; seeds {seeds}; output {out}")  # fmt: skip
+    ref_down = out / f"source_downstream_{args.downstream}.json"
     if args.table_only:
         reference = json.loads((out / "source_losses.json").read_text())
-        log("\n" + write_outputs(out, cfg, reference))
+        source_down = json.loads(ref_down.read_text()) if ref_down.exists() else None
+        log("\n" + write_outputs(out, cfg, reference, source_down))
         return 0
     source, data, reference = prepare(out, cfg)
+    tasks, source_down = None, None
+    if args.downstream:
+        tasks, source_down = prepare_downstream(out, source, args.downstream)
     started = time.perf_counter()
     for seed in seeds:
         for name in methods:
@@ -396,14 +448,14 @@ def main() -> int:
                 continue
             log(f"{name} (seed {seed}): {cfg['methods'][name].get('label', name)}")
             record = run_method(
-                name, cfg["methods"][name], seed, steps, out, cfg, source, data, reference
+                name, cfg["methods"][name], seed, steps, out, cfg, source, data, reference, tasks
             )
             result_path.write_text(json.dumps(record, indent=2))
             mean = statistics.fmean(record["after_cpt"].values())
             log(f"  [{name}] mean eval loss after CPT {mean:.3f} "
                 f"({sum(record['seconds'].values()) / 60:.1f} min)")  # fmt: skip
-            write_outputs(out, cfg, reference)
-    log("\n" + write_outputs(out, cfg, reference))
+            write_outputs(out, cfg, reference, source_down)
+    log("\n" + write_outputs(out, cfg, reference, source_down))
     log(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min; table {out / 'table.md'}, "
         f"plot {out / 'quality.png'}")  # fmt: skip
     return 0
