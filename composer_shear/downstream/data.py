@@ -452,7 +452,8 @@ def build_eval_data(
     Raises:
         EvalDataError: a missing package or a damaged source (the message says the fix).
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
-        ValueError: an unknown task, ``shots`` value or a non-positive ``items``.
+        KeyError: an unknown task (the message lists the known ones).
+        ValueError: an unknown ``shots`` value or a non-positive ``items``.
     """
     import yaml
 
@@ -723,7 +724,8 @@ def _run_cli(args: argparse.Namespace) -> int:
             max_seq_len=args.max_seq_len,
         )
     except (EvalDataError, FileExistsError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A KeyError's str() is its message in quotes.
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
     print(f"Wrote {path} (sources and licences: {path.with_name(SOURCES_NAME)})")
     return 0

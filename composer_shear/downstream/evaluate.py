@@ -455,7 +455,8 @@ def _run_cli(args: argparse.Namespace) -> int:
             labels=args.only,
         )
     except (EvalDataError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A KeyError's str() is its message in quotes.
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
     name = Path(args.model).name
     print(results_table({name: results}, chance=chance_levels()))
