@@ -163,6 +163,7 @@ class HardConcreteGate(nn.Module):
         # checkpoint taken after hardening resumes hardened; older checkpoints without it load
         # as not hardened (see _load_from_state_dict).
         self.register_buffer("hard_value", torch.full(self.shape, NOT_HARDENED, device=device))
+        self._hardened, self._hardened_key = False, None  # cache of `hardened`
         if self.log_alpha.device.type != "meta":
             self.reset_parameters()
 
@@ -195,8 +196,21 @@ class HardConcreteGate(nn.Module):
 
     @property
     def hardened(self) -> bool:
-        """True once :meth:`harden_` froze the gate at its target values."""
-        return bool((self.hard_value >= 0).all())
+        """True once :meth:`harden_` froze the gate at its target values.
+
+        Asked several times per forward (sampling, expected L0, penalty): the answer is
+        cached until ``hard_value`` changes, so it costs no device sync per call. Every write
+        (``harden_``, a checkpoint load, an in-place distributed load) bumps the buffer's
+        version; a move to another device replaces its storage.
+        """
+        buffer = self.hard_value
+        if buffer.device.type == "meta":
+            return False
+        key = (buffer.data_ptr(), buffer._version)
+        if self._hardened_key != key:
+            self._hardened = bool((buffer >= 0).all())
+            self._hardened_key = key
+        return self._hardened
 
     @torch.no_grad()
     def harden_(self, binary: bool = False) -> None:
