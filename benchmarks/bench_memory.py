@@ -12,6 +12,11 @@ child's ``ru_maxrss``) and the ratios against plain training:
 
 The goal is a ratio of at most 1.15: gates and multipliers are O(units).
 
+It also prints, measured in this process, the activation memory autograd saves for the
+backward pass of one training forward of the same batch (distinct storages, counted by a
+``saved_tensors_hooks`` pack hook) with and without the gates: unlike RSS it does not depend on
+the allocator, and it is what grows with the batch on a GPU.
+
     python benchmarks/bench_memory.py [--steps 10]
 """
 
@@ -24,8 +29,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from bench_quality import SETTINGS, prepare
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from composer_shear.masking import attach_gates
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"
@@ -62,6 +71,27 @@ def peak_rss_mib(yaml_path: Path, overrides: list[str], log_path: Path) -> float
     return int(last[-1].split()[1]) / 1024
 
 
+def saved_for_backward_mib(
+    model_dir: Path, target: dict | None, batch: int, seq_len: int, vocab: int
+) -> float:
+    """MiB of distinct storages autograd saves in one training forward + backward."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).train()
+    if target is not None:
+        attach_gates(model, target)
+    ids = torch.randint(0, vocab, (batch, seq_len))
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(storages.values()) / 2**20
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -71,6 +101,19 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.to_container(OmegaConf.load(SETTINGS))
     source, data, reference = prepare(out, cfg)
+    vocab = AutoModelForCausalLM.from_pretrained(source).config.vocab_size
+    saved = {
+        label: saved_for_backward_mib(
+            Path(source), target, cfg["global_batch_size"], cfg["max_seq_len"], vocab
+        )
+        for label, target in (("plain", None), ("gated", cfg["target_shape"]))
+    }
+    print(
+        f"saved for backward, one {cfg['global_batch_size']} x {cfg['max_seq_len']} batch: "
+        f"plain {saved['plain']:.0f} MiB, with the gates {saved['gated']:.0f} MiB "
+        f"({saved['gated'] / saved['plain']:.3f}x)",
+        flush=True,
+    )
     target_loss = ",".join(str(reference[d]) for d in cfg["domains"])
     results: dict[str, float] = {}
     for setup, label in (
@@ -94,7 +137,9 @@ def main() -> int:
     base = results["plain training"]
     for label, value in results.items():
         print(f"{label:>24}: {value / base:.3f}x plain")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"peak_rss_mib": results, "saved_for_backward_mib": saved}, indent=2)
+    )
     return 0
 
 

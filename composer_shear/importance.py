@@ -23,6 +23,7 @@ every rank of a distributed job ends with the same scores.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -157,10 +158,14 @@ def collect_importance(
     handles.append(adapter.final_norm_module(hf_model).register_forward_hook(add_hidden))
 
     if forward is None:
+        # Importance needs no logits: scoring only the last position skips the
+        # (tokens x vocabulary) matrix, the largest tensor of a calibration forward.
+        skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        extra = {"logits_to_keep": 1} if skip_logits else {}
 
         def forward(batch):
             ids = batch["input_ids"] if isinstance(batch, dict) else batch
-            return model(input_ids=ids.to(device))
+            return model(input_ids=ids.to(device), **extra)
 
     try:
         for batch in batches:

@@ -11,9 +11,12 @@ then multiply the current masks in:
 where                  what
 =====================  =====================================================================
 embedding output       hidden gates
-``o_proj`` input       per-head gates (kv-group gate x query-head-in-group gate)
+``o_proj`` input       per-head gates (kv-group gate x query-head-in-group gate), applied by
+                       :func:`~composer_shear.mask_ops.mask_input`, which saves no copy of
+                       the activations for the backward pass
+
 ``o_proj`` output      layer gate x hidden gates (the attention residual branch)
-``down_proj`` input    intermediate gates
+``down_proj`` input    intermediate gates (:func:`~composer_shear.mask_ops.mask_input`)
 ``down_proj`` output   layer gate x hidden gates (the MLP residual branch)
 every RMSNorm          statistics over the kept hidden dims only (pre-scale, post-unscale)
 =====================  =====================================================================
@@ -34,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from composer_shear.adapters import DecoderAdapter, get_adapter
 from composer_shear.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate, descending_ranks
+from composer_shear.mask_ops import mask_input
 from composer_shear.shape import ModelShape, count_params
 
 __all__ = [
@@ -438,13 +442,13 @@ def _install_layer_hooks(
         masks = gates.masks
         if masks is None or masks.head is None:
             return None
-        return (_scale(args[0], masks.head[index]), *args[1:])
+        return (mask_input(args[0], masks.head[index]), *args[1:])
 
     def intermediate_pre(module, args):
         masks = gates.masks
         if masks is None or masks.intermediate is None:
             return None
-        return (_scale(args[0], masks.intermediate[index]), *args[1:])
+        return (mask_input(args[0], masks.intermediate[index]), *args[1:])
 
     def branch_post(module, args, output):
         masks = gates.masks

@@ -518,6 +518,9 @@ class TargetedPruning(Algorithm):
             batch = state.device.batch_to_device(
                 {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             )
+            # No (tokens x vocabulary) logits: importance taps the layers and the final norm
+            # only (HuggingFaceModel drops the key for a model whose forward lacks it).
+            batch["logits_to_keep"] = 1
             return state.model(batch)
 
         try:
