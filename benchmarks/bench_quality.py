@@ -4,14 +4,20 @@ Runs every method of ``benchmarks/quality.yaml`` on SmolLM2-135M and the shipped
 corpus, to the same target shape, with the same total training tokens (pruning + continued
 pre-training), through real ``llmfoundry train`` jobs, and writes:
 
-* ``OUT/results/<method>-s<seed>.json``: per-domain eval losses before and after CPT, the
+* ``RESULTS/<method>-s<seed>.json``: per-domain eval losses before and after CPT, the
   eval curve of the CPT run, tokens, training compute, wall time; for learned routes also the
   landing (each pruned dimension's largest per-row distance of the expected keep from the
   target at the end of pruning) and the export gap (exported model's loss minus the last
   in-run pruning evaluation, same samples);
-* ``OUT/table.md``: per-domain and mean eval loss, worst gap to the reference loss, tokens,
+* ``RESULTS/table.md``: per-domain and mean eval loss, worst gap to the reference loss, tokens,
   wall time, seeds (mean and spread when several seeds ran);
-* ``OUT/quality.png``: mean eval loss against training tokens, per method.
+* ``RESULTS/quality.png``: mean eval loss against training tokens, per method;
+* with ``--curve``, ``benchmarks/results/quality/curve.md`` and ``curve.png``: every budget
+  measured so far side by side, each cell at equal tokens and with its compute.
+
+``RESULTS`` is ``benchmarks/results/quality/<steps>steps`` (in the repository, so that a long
+curve survives across machines and sessions); ``OUT`` (``runs/bench_quality/<steps>steps``)
+holds the tokenized data and the runs' logs and metrics.
 
 Compute is counted, not timed (wall times on shared cores are not comparable): a training
 token costs ``6 N`` FLOPs and a forward-only token (calibration, a KD teacher) ``2 N``, with
@@ -27,6 +33,7 @@ resumed. Usage::
     python benchmarks/bench_quality.py --methods oneshot learned_init --budget default
     python benchmarks/bench_quality.py --budget small --table-only   # table and plot only
     python benchmarks/bench_quality.py --budget small --downstream 200   # + downstream column
+    python benchmarks/bench_quality.py --curve        # cross-budget table and plot only
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from composer_shear.report.metrics import export_gap as metrics_export_gap  # no
 from composer_shear.report.metrics import read_metrics  # noqa: E402
 
 SETTINGS = Path(__file__).with_name("quality.yaml")
+RESULTS_ROOT = REPO / "benchmarks" / "results" / "quality"
 # `kd: true` methods train with the KD variants of the two recipes (teacher: the source model).
 PRUNE_KD_YAML = PRUNE_YAML.with_name("prune_kd.yaml")
 CPT_KD_YAML = CPT_YAML.with_name("cpt_kd.yaml")
@@ -174,6 +182,11 @@ def last_metrics(metrics_file: Path, prefix: str) -> dict[str, float]:
     return last
 
 
+def update_interval(cfg: dict[str, Any], steps: int) -> int:
+    """Batches between evaluations for a budget: ``update_interval``, or the budget's own."""
+    return int(cfg.get("update_interval_by_steps", {}).get(steps, cfg["update_interval"]))
+
+
 def target_overrides(cfg: dict[str, Any]) -> list[str]:
     return [
         f"algorithms.targeted_pruning.target_shape.{key}={value}"
@@ -194,7 +207,7 @@ def run_method(
         f"variables.data_dir={data}",
         f"variables.run_dir={run_dir}",
         f"variables.max_seq_len={cfg['max_seq_len']}",
-        f"variables.update_interval={cfg['update_interval']}ba",
+        f"variables.update_interval={update_interval(cfg, steps)}ba",
         _list_override("variables.target_loss", [reference[d] for d in cfg["domains"]]),
         f"seed={seed}",
     ]
@@ -314,9 +327,9 @@ def write_outputs(
     reference: dict[str, float],
     source_downstream: dict[str, Any] | None = None,
 ) -> str:
-    """Table (markdown) and plot of every result in ``out/results``."""
+    """Table (markdown) and plot of every result in the results folder ``out``."""
     results: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((out / "results").glob("*.json")):
+    for path in sorted(out.glob("*-s*.json")):
         record = json.loads(path.read_text())
         results.setdefault(record["method"], []).append(record)
     domains = cfg["domains"]
@@ -398,6 +411,79 @@ def write_outputs(
     return table
 
 
+def budget_results(root: Path) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """Every finished result under ``root/<steps>steps``: steps -> method -> records."""
+    budgets: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for folder in sorted(root.glob("*steps")):
+        steps = int(folder.name.removesuffix("steps"))
+        for path in sorted(folder.glob("*-s*.json")):
+            record = json.loads(path.read_text())
+            budgets.setdefault(steps, {}).setdefault(record["method"], []).append(record)
+    return budgets
+
+
+def write_curve(root: Path, cfg: dict[str, Any]) -> str:
+    """The quality curve over every budget measured: ``root/curve.md`` and ``curve.png``.
+
+    A cell is one method at one budget: its mean eval loss after CPT (mean ± spread over
+    seeds), the seeds, and its training compute. Cells of one column share the tokens;
+    compute differs by route (pruning steps run the source model).
+    """
+    budgets = budget_results(root)
+    if not budgets:
+        return "no results yet"
+    steps_list = sorted(budgets)
+    tokens_per_step = cfg["global_batch_size"] * cfg["max_seq_len"]
+    methods = [m for m in cfg["methods"] if any(m in budgets[s] for s in steps_list)]
+    header = ["method", *(f"{s * tokens_per_step:,} tokens ({s} steps)" for s in steps_list)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    points: dict[str, list[tuple[float, float, float, float]]] = {}
+    for name in methods:
+        cells = []
+        for steps in steps_list:
+            records = budgets[steps].get(name)
+            if not records:
+                cells.append("")
+                continue
+            means = [statistics.fmean(r["after_cpt"].values()) for r in records]
+            spread = statistics.pstdev(means) if len(means) > 1 else 0.0
+            flops = statistics.fmean(r["train_flops"] for r in records) / 1e12
+            seeds = ",".join(str(r["seed"]) for r in records)
+            loss = f"{statistics.fmean(means):.3f}" + (f" ± {spread:.3f}" if spread else "")
+            cells.append(f"**{loss}** ({flops:.0f} TFLOPs; s{seeds})")
+            tokens = sum(records[0]["tokens"].values())
+            points.setdefault(name, []).append((tokens, flops, statistics.fmean(means), spread))
+        label = cfg["methods"][name].get("label", name)
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    table = "\n".join(lines)
+    (root / "curve.md").write_text(table + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_c) = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    for name, pts in points.items():
+        tokens, flops, losses, spreads = zip(*pts, strict=True)
+        label = cfg["methods"][name].get("label", name)
+        ax.errorbar(tokens, losses, yerr=spreads, marker="o", capsize=3, label=label)
+        ax_c.errorbar(flops, losses, yerr=spreads, marker="o", capsize=3)
+    for axis in (ax, ax_c):
+        axis.set_xscale("log")
+        axis.grid(alpha=0.3)
+    ax.set_xlabel("training tokens (pruning + CPT)")
+    ax_c.set_xlabel("training compute, TFLOPs")
+    ax.set_ylabel(f"mean eval loss after CPT, {len(cfg['domains'])} domains")
+    ax.set_title("SmolLM2-135M -> 80.2M: the quality curve at equal tokens")
+    ax_c.set_title("the same at equal compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "curve.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default=str(SETTINGS))
@@ -405,10 +491,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="total training steps (overrides --budget)")
     parser.add_argument("--methods", nargs="+", help="subset of the settings' methods")
     parser.add_argument("--seeds", nargs="+", type=int, help="override the settings' seeds")
-    parser.add_argument("--out", help="output folder (default runs/bench_quality/<budget>)")
+    parser.add_argument("--out", help="work folder (default runs/bench_quality/<steps>steps)")
+    parser.add_argument(
+        "--results", help="results folder (default benchmarks/results/quality/<steps>steps)"
+    )
     parser.add_argument("--force", action="store_true", help="rerun finished methods")
     parser.add_argument(
         "--table-only", action="store_true", help="rewrite table and plot from finished results"
+    )
+    parser.add_argument(
+        "--curve", action="store_true", help="only write the cross-budget curve (table, plot)"
     )
     parser.add_argument(
         "--downstream",
@@ -419,30 +511,37 @@ def main() -> int:
     args = parser.parse_args()
 
     cfg = yaml.safe_load(Path(args.settings).read_text())
+    if args.curve:
+        log(write_curve(RESULTS_ROOT, cfg))
+        return 0
     steps = args.steps or cfg["budgets"][args.budget]
     out = Path(args.out or REPO / "runs" / "bench_quality" / (f"{steps}steps"))
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    results = Path(args.results or RESULTS_ROOT / f"{steps}steps")
+    out.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     methods = args.methods or list(cfg["methods"])
     unknown = sorted(set(methods) - set(cfg["methods"]))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {list(cfg['methods'])}")
     seeds = args.seeds or cfg["seeds"]
     log(f"bench_quality: {steps} steps x {cfg['global_batch_size']} x {cfg['max_seq_len']} "
-        f"tokens per method; methods {methods}; seeds {seeds}; output {out}")  # fmt: skip
-    ref_down = out / f"source_downstream_{args.downstream}.json"
+        f"tokens per method; methods {methods}; seeds {seeds}; results {results}")  # fmt: skip
+    ref_down = results / f"source_downstream_{args.downstream}.json"
     if args.table_only:
-        reference = json.loads((out / "source_losses.json").read_text())
+        reference = json.loads((results / "source_losses.json").read_text())
         source_down = json.loads(ref_down.read_text()) if ref_down.exists() else None
-        log("\n" + write_outputs(out, cfg, reference, source_down))
+        log("\n" + write_outputs(results, cfg, reference, source_down))
         return 0
     source, data, reference = prepare(out, cfg)
+    (results / "source_losses.json").write_text(json.dumps(reference, indent=2))
     tasks, source_down = None, None
     if args.downstream:
         tasks, source_down = prepare_downstream(out, source, args.downstream)
+        ref_down.write_text(json.dumps(source_down, indent=2))
     started = time.perf_counter()
     for seed in seeds:
         for name in methods:
-            result_path = out / "results" / f"{name}-s{seed}.json"
+            result_path = results / f"{name}-s{seed}.json"
             if result_path.exists() and not args.force:
                 log(f"{name} (seed {seed}): done earlier, skipped")
                 continue
@@ -454,10 +553,11 @@ def main() -> int:
             mean = statistics.fmean(record["after_cpt"].values())
             log(f"  [{name}] mean eval loss after CPT {mean:.3f} "
                 f"({sum(record['seconds'].values()) / 60:.1f} min)")  # fmt: skip
-            write_outputs(out, cfg, reference, source_down)
-    log("\n" + write_outputs(out, cfg, reference, source_down))
-    log(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min; table {out / 'table.md'}, "
-        f"plot {out / 'quality.png'}")  # fmt: skip
+            write_outputs(results, cfg, reference, source_down)
+            write_curve(RESULTS_ROOT, cfg)
+    log("\n" + write_outputs(results, cfg, reference, source_down))
+    log(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min; table {results / 'table.md'}, "
+        f"plot {results / 'quality.png'}")  # fmt: skip
     return 0
 
 
