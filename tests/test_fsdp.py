@@ -307,6 +307,18 @@ def exported_tensors(folder):
     return load_file(folder / "model.safetensors")
 
 
+def export_checkpoint(checkpoint, out):
+    """``composer-shear export`` of a checkpoint; returns the exported tensors."""
+    proc = subprocess.run(
+        [str(VENV_BIN / "composer-shear"), "export", str(checkpoint), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return exported_tensors(out)
+
+
 def compare_exports(a, b):
     """Tensor count, and the largest difference of any tensor (same names and shapes)."""
     assert sorted(a) == sorted(b)
@@ -320,15 +332,7 @@ def compare_exports(a, b):
 def test_sharded_checkpoint_exports_what_the_unsharded_run_exports(sharded, reference, tmp_path):
     checkpoints = sorted(p for p in (sharded / "straight_ckpt").iterdir() if p.is_dir())
     assert checkpoints, list((sharded / "straight_ckpt").iterdir())
-    out = tmp_path / "export"
-    proc = subprocess.run(
-        [str(VENV_BIN / "composer-shear"), "export", str(checkpoints[-1]), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from_checkpoint = exported_tensors(out)
+    from_checkpoint = export_checkpoint(checkpoints[-1], tmp_path / "export")
     # The same run's in-run export (gathered to rank 0): the same tensors, bit for bit.
     count, diff = compare_exports(from_checkpoint, exported_tensors(sharded / "straight_export"))
     assert diff == 0.0
@@ -370,15 +374,7 @@ def test_distillation_and_full_checkpoints_under_fsdp(sharded, reference, tmp_pa
     else:
         checkpoints = sorted(p for p in folder.iterdir() if p.is_dir())  # sharded (see SCRIPT)
     assert checkpoints, list(folder.iterdir())
-    out = tmp_path / "export"
-    proc = subprocess.run(
-        [str(VENV_BIN / "composer-shear"), "export", str(checkpoints[-1]), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from_checkpoint = exported_tensors(out)
+    from_checkpoint = export_checkpoint(checkpoints[-1], tmp_path / "export")
     _, diff = compare_exports(from_checkpoint, exported_tensors(sharded / "kd_export"))
     assert diff == 0.0
     _, diff = compare_exports(from_checkpoint, exported_tensors(reference / "kd_export"))
