@@ -130,10 +130,10 @@ def flop_params(model_dir: Path) -> int:
     """Parameters a token's matmuls pass through: all but the embedding lookup (lm_head kept)."""
     from transformers import AutoConfig
 
-    from composer_shear.shape import ModelShape
+    from composer_shear.families import get_family
 
     config = AutoConfig.from_pretrained(model_dir)
-    total = ModelShape.from_config(config).num_params()
+    total = get_family(config).shape(config).num_params()
     if config.tie_word_embeddings:
         return total  # one matrix: looked up for free, multiplied as lm_head
     return total - config.vocab_size * config.hidden_size

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from composer_shear.families import get_family
 from composer_shear.masking import GATES_ATTR, ShearGates, attach_gates, find_gates
 from composer_shear.shape import ModelShape
 from composer_shear.surgery import PruningPlan, plan_pruning, prune_model
@@ -304,8 +305,10 @@ def gated_model_from_weights(
         model = AutoModelForCausalLM.from_config(config)
     if config.tie_word_embeddings:
         # Some state-dict writers keep only one name of a tied pair.
-        embed_key = next(k for k in model.state_dict() if k.endswith("embed_tokens.weight"))
-        head_key = "lm_head.weight"
+        family = get_family(config)
+        names = {module: name for name, module in model.named_modules()}
+        embed_key = f"{names[family.embedding(model)]}.weight"
+        head_key = f"{names[family.lm_head_module(model)]}.weight"
         if head_key not in weights and embed_key in weights:
             weights[head_key] = weights[embed_key]
     _strict_load(model, weights, "model weights")

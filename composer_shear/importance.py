@@ -10,8 +10,8 @@ unit                   score (mean over calibration tokens)
 query head             L2 norm of the head's output after ``o_proj`` (its own columns)
 kv group               sum of its query heads' scores
 MLP intermediate unit  ``|act(gate) * up|`` (``down_proj``'s input)
-hidden channel         ``|x|`` of every RMSNorm output (both norms of every layer and the
-                       final norm), summed over the norms
+hidden channel         ``|x|`` of every hidden-sized RMSNorm output (every norm of every
+                       layer the family declares, and the final norm), summed over the norms
 layer                  block influence ``1 - cos(layer input, layer output)``
 =====================  ================================================================
 
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer_shear.adapters import get_adapter
+from composer_shear.families import get_family
 from composer_shear.shape import ModelShape
 
 __all__ = ["Importance", "collect_importance", "random_importance", "unit_scores"]
@@ -99,14 +99,14 @@ def collect_importance(
         Means over every calibration token of every rank.
     """
     hf_model = model if hf_model is None else hf_model
-    adapter = get_adapter(hf_model)
-    source = ModelShape.from_config(hf_model.config, adapter.bias_layout(hf_model.config))
+    family = get_family(hf_model)
+    source = family.shape(hf_model.config)
     n_layers, n_heads, head_dim = (
         source.num_hidden_layers,
         source.num_attention_heads,
         source.head_dim,
     )
-    device = adapter.embedding(hf_model).weight.device
+    device = family.embedding(hf_model).weight.device
     acc = {
         "layers": torch.zeros(n_layers, dtype=torch.float64, device=device),
         "heads": torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device),
@@ -122,8 +122,8 @@ def collect_importance(
     def add_hidden(module, args, output):
         acc["hidden"] += _first(output).detach().abs().double().flatten(0, -2).sum(0)
 
-    for index, layer in enumerate(adapter.layer_list(hf_model)):
-        mods = adapter.layer_modules(layer)
+    for index, layer in enumerate(family.layer_list(hf_model)):
+        mods = family.layer_modules(layer)
 
         def heads_pre(module, args, index=index):
             # Each head's contribution to the residual stream: its slice of o_proj's input
@@ -152,10 +152,9 @@ def collect_importance(
             mods.down_proj.register_forward_pre_hook(inter_pre),
             layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
             layer.register_forward_hook(layer_post, with_kwargs=True),
-            mods.input_norm.register_forward_hook(add_hidden),
-            mods.post_attention_norm.register_forward_hook(add_hidden),
         ]
-    handles.append(adapter.final_norm_module(hf_model).register_forward_hook(add_hidden))
+        handles += [norm.register_forward_hook(add_hidden) for norm in mods.hidden_norms]
+    handles.append(family.final_norm_module(hf_model).register_forward_hook(add_hidden))
 
     if forward is None:
         # Importance needs no logits: scoring only the last position skips the

@@ -7,19 +7,24 @@ computes the Lagrangian penalty inside the forward, where FSDP has the gate para
 unsharded; in eval it builds the deterministic masks. Small hooks on the model's own modules
 then multiply the current masks in:
 
-=====================  =====================================================================
-where                  what
-=====================  =====================================================================
-embedding output       hidden gates
-``o_proj`` input       per-head gates (kv-group gate x query-head-in-group gate), applied by
-                       :func:`~composer_shear.mask_ops.mask_input`, which saves no copy of
-                       the activations for the backward pass
+=======================  ===================================================================
+where                    what
+=======================  ===================================================================
+embedding output         hidden gates (times ``sqrt(kept / D)`` where the family's embedding
+                         scale follows the hidden size, as the compact model's does)
+``o_proj`` input         per-head gates (kv-group gate x query-head-in-group gate), applied by
+                         :func:`~composer_shear.mask_ops.mask_input`, which saves no copy of
+                         the activations for the backward pass
+``o_proj`` output        layer gate x hidden gates (the attention residual branch)
+``down_proj`` input      intermediate gates (:func:`~composer_shear.mask_ops.mask_input`)
+``down_proj`` output     layer gate x hidden gates (the MLP residual branch)
+every hidden RMSNorm     statistics over the kept hidden dims only (pre-scale, post-unscale)
+=======================  ===================================================================
 
-``o_proj`` output      layer gate x hidden gates (the attention residual branch)
-``down_proj`` input    intermediate gates (:func:`~composer_shear.mask_ops.mask_input`)
-``down_proj`` output   layer gate x hidden gates (the MLP residual branch)
-every RMSNorm          statistics over the kept hidden dims only (pre-scale, post-unscale)
-=====================  =====================================================================
+Families whose branches end in a norm before the residual add (the family's
+``branch_norms``) get the hidden gates alone on ``o_proj`` / ``down_proj`` output, so that
+the branch norm's statistics are over the kept dims, and layer gate x hidden gates on the
+branch norm's output; a scale before a norm would be normalised away.
 
 With the deterministic masks the masked model computes exactly what the sliced model of
 :mod:`composer_shear.surgery` computes.
@@ -35,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from composer_shear.adapters import DecoderAdapter, get_adapter
+from composer_shear.families import DecoderFamily, LayerModules, get_family
 from composer_shear.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate, descending_ranks
 from composer_shear.mask_ops import mask_input
 from composer_shear.shape import ModelShape, count_params
@@ -262,6 +267,8 @@ class ShearGates(nn.Module):
             qkv_bias=src.qkv_bias,
             o_bias=src.o_bias,
             mlp_bias=src.mlp_bias,
+            norms_per_layer=src.norms_per_layer,
+            head_norms_per_layer=src.head_norms_per_layer,
         )
 
     def ramped_target(self, name: str) -> float:
@@ -436,7 +443,7 @@ def _scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _install_layer_hooks(
-    gates: ShearGates, index: int, modules, handles: list[RemovableHandle]
+    gates: ShearGates, index: int, modules: LayerModules, handles: list[RemovableHandle]
 ) -> None:
     def head_pre(module, args):
         masks = gates.masks
@@ -456,21 +463,37 @@ def _install_layer_hooks(
             return None
         return _scale(output, masks.branch[index])
 
+    def hidden_post(module, args, output):
+        masks = gates.masks
+        if masks is None or masks.hidden is None:
+            return None
+        return _scale(output, masks.hidden)
+
     if "kv_heads" in gates.gates or "heads" in gates.gates:
         handles.append(modules.o_proj.register_forward_pre_hook(head_pre))
     if "intermediate" in gates.gates:
         handles.append(modules.down_proj.register_forward_pre_hook(intermediate_pre))
-    if "layers" in gates.gates or "hidden" in gates.gates:
-        handles.append(modules.o_proj.register_forward_hook(branch_post))
-        handles.append(modules.down_proj.register_forward_hook(branch_post))
     if "hidden" in gates.gates:
-        for norm in (modules.input_norm, modules.post_attention_norm):
+        for norm in modules.hidden_norms:
             _install_norm_hooks(gates, norm, handles)
+    if "layers" in gates.gates or "hidden" in gates.gates:
+        if modules.branch_norms:
+            # Mask the branch before its norm (statistics over the kept dims), then scale the
+            # norm's output: the norm hooks above run first, being registered first.
+            if "hidden" in gates.gates:
+                for proj in modules.branch_outputs:
+                    handles.append(proj.register_forward_hook(hidden_post))
+            for norm in modules.branch_norms:
+                handles.append(norm.register_forward_hook(branch_post))
+        else:
+            for proj in modules.branch_outputs:
+                handles.append(proj.register_forward_hook(branch_post))
 
 
 def _install_norm_hooks(gates: ShearGates, norm: nn.Module, handles: list) -> None:
     # RMSNorm(c x) / c with c = sqrt(D / kept) equals RMSNorm over the kept dims only, because
-    # pruned dims of the residual stream are exactly zero: mean(c^2 x^2) = sum(x^2) / kept.
+    # pruned dims of the input are exactly zero: mean(c^2 x^2) = sum(x^2) / kept. Pruned dims
+    # stay zero whatever the norm's weight (w * 0 and (1 + w) * 0 alike).
     def pre(module, args):
         masks = gates.masks
         if masks is None or masks.norm_scale is None:
@@ -487,7 +510,7 @@ def _install_norm_hooks(gates: ShearGates, norm: nn.Module, handles: list) -> No
     handles.append(norm.register_forward_hook(post))
 
 
-def install_hooks(model: nn.Module, gates: ShearGates, adapter: DecoderAdapter) -> list:
+def install_hooks(model: nn.Module, gates: ShearGates, family: DecoderFamily) -> list:
     """Registers the root pre-hook and the per-module hooks; returns their handles."""
     handles: list[RemovableHandle] = []
 
@@ -500,12 +523,18 @@ def install_hooks(model: nn.Module, gates: ShearGates, adapter: DecoderAdapter) 
 
         def embed_post(module, args, output):
             masks = gates.masks
-            return None if masks is None else _scale(output, masks.hidden)
+            if masks is None:
+                return None
+            if family.embed_scale_follows_hidden:
+                # The model scales by sqrt(D); the compact one by sqrt(kept) (its buffer comes
+                # from its config): sqrt(kept / D) = 1 / norm_scale turns one into the other.
+                return _scale(output, masks.hidden / masks.norm_scale)
+            return _scale(output, masks.hidden)
 
-        handles.append(adapter.embedding(model).register_forward_hook(embed_post))
-        _install_norm_hooks(gates, adapter.final_norm_module(model), handles)
-    for index, layer in enumerate(adapter.layer_list(model)):
-        _install_layer_hooks(gates, index, adapter.layer_modules(layer), handles)
+        handles.append(family.embedding(model).register_forward_hook(embed_post))
+        _install_norm_hooks(gates, family.final_norm_module(model), handles)
+    for index, layer in enumerate(family.layer_list(model)):
+        _install_layer_hooks(gates, index, family.layer_modules(layer), handles)
     return handles
 
 
@@ -540,10 +569,10 @@ def attach_gates(
         raise ValueError(f"eval_at must be one of {EVAL_MODES}, got {eval_at!r}")
     if find_gates(model) is not None:
         raise ValueError("This model already carries pruning gates.")
-    adapter = get_adapter(model)
-    source = ModelShape.from_config(model.config, adapter.bias_layout(model.config))
+    family = get_family(model)
+    source = family.shape(model.config)
     target = source.resolve_target(target_shape)
-    device = adapter.embedding(model).weight.device
+    device = family.embedding(model).weight.device
     gates = ShearGates(
         source,
         target,
@@ -555,7 +584,7 @@ def attach_gates(
     gates.eval_at = eval_at
     gates.train(model.training)
     model.add_module(GATES_ATTR, gates)
-    gates._hook_handles = install_hooks(model, gates, adapter)
+    gates._hook_handles = install_hooks(model, gates, family)
     return gates
 
 

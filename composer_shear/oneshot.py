@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from composer_shear.adapters import get_adapter
+from composer_shear.families import get_family
 from composer_shear.gates import top_k_mask
 from composer_shear.importance import (
     Importance,
@@ -78,8 +78,7 @@ def oneshot_plan(
     model: nn.Module, target_shape: Mapping[str, Any], importance: Importance
 ) -> PruningPlan:
     """What one-shot pruning keeps of ``model`` for ``target_shape``."""
-    adapter = get_adapter(model)
-    source = ModelShape.from_config(model.config, adapter.bias_layout(model.config))
+    source = get_family(model).shape(model.config)
     target = source.resolve_target(dict(target_shape))
     keep = keep_masks_from_scores(unit_scores(importance, source), source, target)
     return plan_from_masks(source, target, keep)
@@ -109,10 +108,7 @@ def prune_oneshot(
 
 def _importance(model: nn.Module, batches: Any, method: str, seed: int) -> Importance:
     if method == "random":
-        adapter = get_adapter(model)
-        return random_importance(
-            ModelShape.from_config(model.config, adapter.bias_layout(model.config)), seed
-        )
+        return random_importance(get_family(model).shape(model.config), seed)
     if method != "activation":
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batches is None:
@@ -214,8 +210,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"loading {args.source}", flush=True)
         model = AutoModelForCausalLM.from_pretrained(args.source, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(args.source)
-        adapter = get_adapter(model)
-        source = ModelShape.from_config(model.config, adapter.bias_layout(model.config))
+        source = get_family(model).shape(model.config)
         target = source.resolve_target(target_shape)
         batches = None
         if args.method == "activation":

@@ -47,6 +47,8 @@ def count_params(
     qkv_bias: bool,
     o_bias: bool,
     mlp_bias: bool,
+    norms_per_layer: int = 2,
+    head_norms_per_layer: int = 0,
 ) -> Any:
     """Counts the parameters of a Llama-style decoder, layer by layer.
 
@@ -65,6 +67,10 @@ def count_params(
         qkv_bias: Whether q/k/v projections have biases.
         o_bias: Whether the output projection has a bias.
         mlp_bias: Whether the MLP projections have biases.
+        norms_per_layer: Norms of one layer with a weight per hidden dim (2 for Llama, 4 for
+            Gemma 3's pre and post norms).
+        head_norms_per_layer: Norms of one layer over ``head_dim`` (Qwen3 / Gemma 3
+            ``q_norm`` and ``k_norm``: 2), whose size pruning never changes.
 
     Returns:
         The parameter count (same type as the inputs).
@@ -82,7 +88,7 @@ def count_params(
         mlp = 3 * hidden * inter
         if mlp_bias:
             mlp = mlp + 2 * inter + hidden
-        norms = 2 * hidden
+        norms = norms_per_layer * hidden + head_norms_per_layer * head_dim
         total = total + keep * (attn + mlp + norms)
     return total
 
@@ -103,6 +109,9 @@ class ModelShape:
         qkv_bias: Whether q/k/v projections carry biases (Qwen2 does).
         o_bias: Whether o_proj carries a bias.
         mlp_bias: Whether gate/up/down projections carry biases.
+        norms_per_layer: Norms per layer with one weight per hidden dim.
+        head_norms_per_layer: Norms per layer over ``head_dim`` (never pruned).
+        fixed: ``(target key, reason)`` pairs: dimensions the family cannot prune.
     """
 
     num_hidden_layers: int
@@ -116,14 +125,30 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    norms_per_layer: int = 2
+    head_norms_per_layer: int = 0
+    fixed: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_config(cls, config: Any, bias_layout: tuple[bool, bool, bool] | None = None):
+    def from_config(
+        cls,
+        config: Any,
+        bias_layout: tuple[bool, bool, bool] | None = None,
+        norms_per_layer: int = 2,
+        head_norms_per_layer: int = 0,
+        fixed: Mapping[str, str] | None = None,
+    ) -> ModelShape:
         """Reads the shape of a Hugging Face config.
 
+        The family-specific arguments come from the family declaration
+        (:meth:`composer_shear.families.DecoderFamily.shape` passes them all).
+
         Args:
-            config: A ``transformers`` config (Llama, Mistral, Qwen2, ...).
-            bias_layout: ``(qkv_bias, o_bias, mlp_bias)``; the family adapter knows it.
+            config: A ``transformers`` decoder config.
+            bias_layout: ``(qkv_bias, o_bias, mlp_bias)``.
+            norms_per_layer: Norms per layer over the hidden dims.
+            head_norms_per_layer: Norms per layer over ``head_dim``.
+            fixed: Target keys the family cannot prune, with the reason.
         """
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
@@ -141,6 +166,9 @@ class ModelShape:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
+            norms_per_layer=norms_per_layer,
+            head_norms_per_layer=head_norms_per_layer,
+            fixed=tuple(sorted((fixed or {}).items())),
         )
 
     @property
@@ -168,6 +196,8 @@ class ModelShape:
             qkv_bias=self.qkv_bias,
             o_bias=self.o_bias,
             mlp_bias=self.mlp_bias,
+            norms_per_layer=self.norms_per_layer,
+            head_norms_per_layer=self.head_norms_per_layer,
         )
 
     def num_non_embedding_params(self) -> int:
@@ -211,7 +241,8 @@ class ModelShape:
 
         Raises:
             ShapeError: Unknown keys, non-positive sizes, a target larger than the source,
-                a changed ``head_dim``, or an invalid attention layout.
+                a changed ``head_dim``, a dimension the family cannot prune, or an invalid
+                attention layout.
         """
         target = dict(target or {})
         unknown = sorted(set(target) - set(TARGET_KEYS))
@@ -229,6 +260,13 @@ class ModelShape:
                 f"target_shape.head_dim={target['head_dim']} differs from the source head_dim "
                 f"{self.head_dim}; pruning keeps head_dim (prune heads instead)."
             )
+
+        for key, reason in self.fixed:
+            if key in target and target[key] != getattr(self, key):
+                raise ShapeError(
+                    f"target_shape.{key}={target[key]} differs from the source's "
+                    f"{getattr(self, key)}, and this family cannot prune it: {reason}"
+                )
 
         heads = target.get("num_attention_heads")
         kv = target.get("num_key_value_heads")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from composer_shear.adapters import DecoderAdapter, get_adapter
+from composer_shear.families import DecoderFamily, get_family
 from composer_shear.masking import GATES_ATTR, ShearGates, find_gates
 from composer_shear.shape import ModelShape
 
@@ -146,12 +146,12 @@ def plan_pruning(gates: ShearGates) -> PruningPlan:
 
 
 def pruned_config(
-    config: PretrainedConfig, plan: PruningPlan, adapter: DecoderAdapter
+    config: PretrainedConfig, plan: PruningPlan, family: DecoderFamily
 ) -> PretrainedConfig:
     """The source config with the target shape; everything else carried over."""
     new = copy.deepcopy(config)
     updates = plan.target.config_updates()
-    updates.update(adapter.layer_fixups(config, plan.kept_layers))
+    updates.update(family.layer_fixups(config, plan.kept_layers))
     for key, value in updates.items():
         setattr(new, key, value)
     return new
@@ -189,85 +189,95 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads.unsqueeze(-1) * head_dim + torch.arange(head_dim)).flatten()
 
 
+def _fold_into_norm(weight: torch.Tensor, scale: torch.Tensor, offset: float) -> torch.Tensor:
+    """The weight of a norm that scales by ``offset + weight``, with ``scale`` folded in."""
+    folded = scale.to(weight.device, torch.float32) * (offset + weight.float()) - offset
+    return folded.to(weight.dtype)
+
+
 @torch.no_grad()
 def _pruned_state_dict(
-    model: nn.Module, plan: PruningPlan, adapter: DecoderAdapter
+    model: nn.Module, compact: nn.Module, plan: PruningPlan, family: DecoderFamily
 ) -> dict[str, torch.Tensor]:
-    """Sliced and folded tensors, keyed like the compact model's state dict."""
+    """Sliced and folded tensors, keyed like ``compact``'s state dict.
+
+    The keys are the names of ``compact``'s own modules (the family finds the modules in
+    both models), so no state-dict key is spelled out here.
+    """
+    names = {module: name for name, module in compact.named_modules()}
+
+    def key(module: nn.Module, param: str = "weight") -> str:
+        return f"{names[module]}.{param}" if names[module] else param
+
     hidden = plan.kept_hidden
     head_dim = plan.target.head_dim
-    prefix = adapter.decoder
     state: dict[str, torch.Tensor] = {}
     # The big matrices are gathered on a thread pool (torch releases the GIL): column gathers
     # are memory-bound and dominate export time.
     matrices: dict[str, functools.partial] = {}
 
-    embed_key = f"{prefix}.{adapter.embed}.weight"
-    matrices[embed_key] = functools.partial(_slice, adapter.embedding(model).weight, None, hidden)
-    state[f"{prefix}.{adapter.final_norm}.weight"] = adapter.final_norm_module(model).weight[hidden]
-    lm_head = adapter.lm_head_module(model)
+    embed_key = key(family.embedding(compact))
+    matrices[embed_key] = functools.partial(_slice, family.embedding(model).weight, None, hidden)
+    state[key(family.final_norm_module(compact))] = family.final_norm_module(model).weight[hidden]
+    lm_head, lm_head_c = family.lm_head_module(model), family.lm_head_module(compact)
     if not plan.target.tie_word_embeddings:
-        matrices[f"{adapter.lm_head}.weight"] = functools.partial(
-            _slice, lm_head.weight, None, hidden
-        )
+        matrices[key(lm_head_c)] = functools.partial(_slice, lm_head.weight, None, hidden)
     if getattr(lm_head, "bias", None) is not None:
-        state[f"{adapter.lm_head}.bias"] = lm_head.bias.clone()
+        state[key(lm_head_c, "bias")] = lm_head.bias.clone()
 
-    layers = adapter.layer_list(model)
+    layers, layers_c = family.layer_list(model), family.layer_list(compact)
     for new_index, old_index in enumerate(plan.kept_layers):
-        mods = adapter.layer_modules(layers[old_index])
+        mods = family.layer_modules(layers[old_index])
+        out = family.layer_modules(layers_c[new_index])
         heads = plan.kept_heads[new_index]
         q_rows = _head_rows(heads, head_dim)
         kv_rows = _head_rows(plan.kept_kv[new_index], head_dim)
         inter = plan.kept_intermediate[new_index]
         layer_scale = plan.layer_scale[new_index]
-        head_scale = plan.head_scale[new_index].repeat_interleave(head_dim) * layer_scale
-        inter_scale = plan.intermediate_scale[new_index] * layer_scale
+        # A branch that ends in a norm takes the layer scale after that norm (before it, the
+        # norm would undo it); otherwise it is folded into the branch's output projection.
+        proj_scale = torch.ones(()) if mods.branch_norms else layer_scale
+        head_scale = plan.head_scale[new_index].repeat_interleave(head_dim) * proj_scale
+        inter_scale = plan.intermediate_scale[new_index] * proj_scale
 
-        base = f"{prefix}.{adapter.layers}.{new_index}"
-        attn, mlp = f"{base}.{adapter.attention}", f"{base}.{adapter.mlp}"
-        for name, module, rows in (
-            ("q_proj", mods.q_proj, q_rows),
-            ("k_proj", mods.k_proj, kv_rows),
-            ("v_proj", mods.v_proj, kv_rows),
+        for src, dst, rows in (
+            (mods.q_proj, out.q_proj, q_rows),
+            (mods.k_proj, out.k_proj, kv_rows),
+            (mods.v_proj, out.v_proj, kv_rows),
         ):
-            matrices[f"{attn}.{name}.weight"] = functools.partial(
-                _slice, module.weight, rows, hidden
-            )
-            if module.bias is not None:
-                state[f"{attn}.{name}.bias"] = _rows(module.bias, rows)
-        matrices[f"{attn}.o_proj.weight"] = functools.partial(
-            _slice, mods.o_proj.weight, hidden, q_rows, head_scale
-        )
-        if mods.o_proj.bias is not None:
-            state[f"{attn}.o_proj.bias"] = _fold(mods.o_proj.bias[hidden], layer_scale[None], 0)
+            matrices[key(dst)] = functools.partial(_slice, src.weight, rows, hidden)
+            if src.bias is not None:
+                state[key(dst, "bias")] = _rows(src.bias, rows)
+        for src, dst in ((mods.gate_proj, out.gate_proj), (mods.up_proj, out.up_proj)):
+            matrices[key(dst)] = functools.partial(_slice, src.weight, inter, hidden)
+            if src.bias is not None:
+                state[key(dst, "bias")] = _rows(src.bias, inter)
+        for src, dst, cols, col_scale in (
+            (mods.o_proj, out.o_proj, q_rows, head_scale),
+            (mods.down_proj, out.down_proj, inter, inter_scale),
+        ):
+            matrices[key(dst)] = functools.partial(_slice, src.weight, hidden, cols, col_scale)
+            if src.bias is not None:
+                state[key(dst, "bias")] = _fold(src.bias[hidden], proj_scale[None], 0)
 
-        for name, module in (("gate_proj", mods.gate_proj), ("up_proj", mods.up_proj)):
-            matrices[f"{mlp}.{name}.weight"] = functools.partial(
-                _slice, module.weight, inter, hidden
-            )
-            if module.bias is not None:
-                state[f"{mlp}.{name}.bias"] = _rows(module.bias, inter)
-        matrices[f"{mlp}.down_proj.weight"] = functools.partial(
-            _slice, mods.down_proj.weight, hidden, inter, inter_scale
-        )
-        if mods.down_proj.bias is not None:
-            state[f"{mlp}.down_proj.bias"] = _fold(
-                mods.down_proj.bias[hidden], layer_scale[None], 0
-            )
-
-        state[f"{base}.{adapter.input_norm}.weight"] = mods.input_norm.weight[hidden]
-        state[f"{base}.{adapter.post_attention_norm}.weight"] = mods.post_attention_norm.weight[
-            hidden
-        ]
+        for src, dst in zip(mods.stream_norms, out.stream_norms, strict=True):
+            state[key(dst)] = src.weight[hidden]
+        for src, dst in zip(mods.branch_norms, out.branch_norms, strict=True):
+            weight = src.weight[hidden]
+            if not bool(layer_scale == 1):  # no layer gate: exact copy, no rounding
+                weight = _fold_into_norm(weight, layer_scale, family.norm_weight_offset)
+            state[key(dst)] = weight
+        # Per-head norms act on head_dim, which pruning keeps: copied whole.
+        for src, dst in zip(mods.head_norms, out.head_norms, strict=True):
+            state[key(dst)] = src.weight.clone()
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         gathered = pool.map(lambda job: job(), matrices.values())
         state.update(zip(matrices, gathered, strict=True))
     if plan.target.tie_word_embeddings:
-        state[f"{adapter.lm_head}.weight"] = state[embed_key]
+        state[key(lm_head_c)] = state[embed_key]
     # Every entry is fresh storage already (index_select / fancy indexing / folding copy), so
     # the compact model never pins the source model's memory and nothing is copied twice.
-    return {key: value.detach().contiguous() for key, value in state.items()}
+    return {name: value.detach().contiguous() for name, value in state.items()}
 
 
 def _empty_model(config: PretrainedConfig) -> PreTrainedModel:
@@ -301,15 +311,15 @@ def prune_model(
         if gates is None:
             raise ValueError("The model carries no pruning gates and no plan; nothing to slice.")
         plan = plan_pruning(gates)
-    adapter = get_adapter(model)
-    config = pruned_config(model.config, plan, adapter)
-    state = _pruned_state_dict(model, plan, adapter)
+    family = get_family(model)
+    config = pruned_config(model.config, plan, family)
     compact = _empty_model(config)
+    state = _pruned_state_dict(model, compact, plan, family)
     # Strict: every tensor of the compact model must come from the source model.
     compact.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         compact.tie_weights()
-    dtype = adapter.embedding(model).weight.dtype
+    dtype = family.embedding(model).weight.dtype
     compact.config.torch_dtype = dtype
     if getattr(model, "generation_config", None) is not None:
         compact.generation_config = copy.deepcopy(model.generation_config)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from composer_shear.adapters import get_adapter
+from composer_shear.families import get_family
 from composer_shear.importance import collect_importance
 from composer_shear.oneshot import oneshot_plan, parse_target_shape, prune_oneshot
 from composer_shear.shape import ModelShape, ShapeError
 from tests.pruning_helpers import REPO, VENV_BIN
-from tests.tiny_models import FAMILIES, tiny_model
+from tests.tiny_models import FAMILIES, prunable_dims, tiny_model
 
 LAYER, NEURON, CHANNEL = 2, 5, 7
 
@@ -24,16 +24,16 @@ def batches(vocab: int, n: int = 3, seed: int = 0) -> list[torch.Tensor]:
 
 
 def shape_of(model) -> ModelShape:
-    return ModelShape.from_config(model.config, get_adapter(model).bias_layout(model.config))
+    return get_family(model).shape(model.config)
 
 
 @torch.no_grad()
 def plant(model, kind: str) -> int:
     """Makes one unit of ``kind`` unimportant; returns the index it has in its row."""
-    adapter = get_adapter(model)
+    family = get_family(model)
     shape = shape_of(model)
     hd, n_rep = shape.head_dim, shape.heads_per_group
-    layers = [adapter.layer_modules(layer) for layer in adapter.layer_list(model)]
+    layers = [family.layer_modules(layer) for layer in family.layer_list(model)]
     if kind == "layers":  # the block adds nothing to the residual stream: cos(in, out) = 1
         for proj in (layers[LAYER].o_proj, layers[LAYER].down_proj):
             proj.weight.zero_()
@@ -46,9 +46,10 @@ def plant(model, kind: str) -> int:
             mods.up_proj.weight[NEURON].zero_()
         return NEURON
     if kind == "hidden":  # every RMSNorm outputs 0 on this channel
-        norms = [m for mods in layers for m in (mods.input_norm, mods.post_attention_norm)]
-        for norm in [*norms, adapter.final_norm_module(model)]:
-            norm.weight[CHANNEL] = 0.0
+        norms = [m for mods in layers for m in mods.hidden_norms]
+        for norm in [*norms, family.final_norm_module(model)]:
+            # Norms scale by (offset + weight): Gemma's by 1 + weight.
+            norm.weight[CHANNEL] = -family.norm_weight_offset
         return CHANNEL
     if kind == "kv_heads":  # every query head of kv group 1 writes nothing through o_proj
         for mods in layers:
@@ -83,8 +84,9 @@ def one_less(model, kind: str) -> dict[str, int]:
 
 def kinds(family: str) -> list[str]:
     _, kwargs = FAMILIES[family]
-    gqa = kwargs["num_attention_heads"] != kwargs["num_key_value_heads"]
-    return ["layers", "intermediate", "hidden", "heads", *(["kv_heads"] if gqa else [])]
+    gqa = kwargs["num_attention_heads"] != kwargs["num_key_value_heads"] > 1
+    layers = ["layers"] if "num_hidden_layers" in prunable_dims(family) else []
+    return [*layers, "intermediate", "hidden", "heads", *(["kv_heads"] if gqa else [])]
 
 
 CASES = [(family, kind) for family in sorted(FAMILIES) for kind in kinds(family)]
@@ -131,6 +133,10 @@ def test_oneshot_export_loads_at_target(family, tied, tmp_path):
     }
     if shape.is_mha:
         target["num_attention_heads"] = target["num_key_value_heads"]
+    if shape.num_key_value_heads == 1:  # multi-query: query heads are what can go
+        target["num_attention_heads"] = shape.num_attention_heads // 2
+    if "num_hidden_layers" not in prunable_dims(family):
+        del target["num_hidden_layers"]
     compact = prune_oneshot(model, target, batches(model.config.vocab_size))
     expected = shape.resolve_target(target)
     compact.save_pretrained(tmp_path)

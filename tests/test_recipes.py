@@ -177,13 +177,13 @@ def source_fixture(recipe: Recipe) -> str:
 
 
 def source_shape(fixture: str) -> ModelShape:
-    """The :class:`ModelShape` of a fixture config, biases from the family adapter."""
+    """The :class:`ModelShape` of a fixture config, biases from the family declaration."""
     from transformers import AutoConfig
 
-    from composer_shear.adapters import get_adapter
+    from composer_shear.families import get_family
 
     config = AutoConfig.for_model(**json.loads((FIXTURES / f"{fixture}.json").read_text()))
-    return ModelShape.from_config(config, get_adapter(config).bias_layout(config))
+    return get_family(config).shape(config)
 
 
 def recipe_target(recipe: Recipe) -> dict[str, int] | None:

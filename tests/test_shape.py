@@ -2,14 +2,13 @@
 
 import pytest
 
-from composer_shear.adapters import UnsupportedModelError, get_adapter
+from composer_shear.families import UnsupportedModelError, get_family
 from composer_shear.shape import ModelShape, ShapeError
-from tests.tiny_models import FAMILIES, tiny_config, tiny_model
+from tests.tiny_models import FAMILIES, prunable_dims, tiny_config, tiny_model
 
 
 def shape_of(model):
-    adapter = get_adapter(model)
-    return ModelShape.from_config(model.config, adapter.bias_layout(model.config))
+    return get_family(model).shape(model.config)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -25,22 +24,27 @@ def test_param_count_with_llama_biases(overrides):
     assert shape_of(model).num_params() == sum(p.numel() for p in model.parameters())
 
 
-def test_param_count_of_target_matches_built_model():
-    source = shape_of(tiny_model("qwen2"))
-    target = source.resolve_target(
-        dict(
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=40,
-            hidden_size=48,
-        )
-    )
-    config = tiny_config("qwen2", **target.config_updates())
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_param_count_of_target_matches_built_model(family, tied):
+    """shape.py's count of a *target* equals what transformers builds for it (every norm,
+    bias and per-head norm term of the family)."""
+    source = shape_of(tiny_model(family, tie_word_embeddings=tied))
+    target = dict(num_hidden_layers=2, intermediate_size=40, hidden_size=48)
+    target["num_attention_heads"] = max(1, source.num_attention_heads // 2)
+    if source.is_mha:
+        target["num_key_value_heads"] = target["num_attention_heads"]
+    elif source.num_key_value_heads > 1:
+        target["num_key_value_heads"] = 1
+        target["num_attention_heads"] = max(1, source.heads_per_group // 2)
+    if "num_hidden_layers" not in prunable_dims(family):
+        del target["num_hidden_layers"]
+    shape = source.resolve_target(target)
+    config = tiny_config(family, tied, **shape.config_updates())
     from transformers import AutoModelForCausalLM
 
     built = AutoModelForCausalLM.from_config(config)
-    assert target.num_params() == sum(p.numel() for p in built.parameters())
+    assert shape.num_params() == sum(p.numel() for p in built.parameters())
 
 
 def test_llama2_7b_param_count():
@@ -98,5 +102,5 @@ def test_unsupported_family_names_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(UnsupportedModelError, match=r"llama.*mistral.*qwen2"):
-        get_adapter(model)
+    with pytest.raises(UnsupportedModelError, match=r"gemma3_text.*llama.*mistral.*qwen2.*qwen3"):
+        get_family(model)

@@ -4,9 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from composer_shear.families import get_family
 from composer_shear.masking import attach_gates
-from composer_shear.surgery import prune_model
-from tests.tiny_models import FAMILIES, tiny_model
+from composer_shear.shape import ShapeError
+from composer_shear.surgery import plan_from_masks, prune_model
+from tests.tiny_models import FAMILIES, prunable_dims, tiny_model
 
 # Per family: a target for each gate kind alone, and all of them combined.
 HEAD_TARGETS = {
@@ -26,6 +28,19 @@ HEAD_TARGETS = {
         "heads": {"num_attention_heads": 4},
         "kv_and_heads": {"num_attention_heads": 2, "num_key_value_heads": 1},
     },
+    "qwen3": {
+        "kv_heads": {"num_key_value_heads": 1},
+        "heads": {"num_attention_heads": 4},
+        "kv_and_heads": {"num_attention_heads": 2, "num_key_value_heads": 1},
+    },
+    # Multi-query: one kv head, so only query heads can go.
+    "qwen3_mqa": {"heads": {"num_attention_heads": 2}},
+    "gemma3": {
+        "kv_heads": {"num_key_value_heads": 1},
+        "heads": {"num_attention_heads": 2},
+        "kv_and_heads": {"num_attention_heads": 1, "num_key_value_heads": 1},
+    },
+    "gemma3_mqa": {"heads": {"num_attention_heads": 3}},
 }
 COMMON = {
     "layers": {"num_hidden_layers": 2},
@@ -37,9 +52,11 @@ COMMON = {
 def cases():
     for family in sorted(FAMILIES):
         heads = HEAD_TARGETS[family]
-        kinds = {**COMMON, **heads}
+        # Only the gate kinds the architecture allows (Gemma 3 keeps its layers).
+        common = {k: t for k, t in COMMON.items() if set(t) <= prunable_dims(family)}
+        kinds = {**common, **heads}
         combined = {}
-        for target in COMMON.values():
+        for target in common.values():
             combined.update(target)
         combined.update(heads.get("kv_and_heads", heads["heads"]))
         kinds["combined"] = combined
@@ -164,3 +181,51 @@ def test_masked_equals_pruned_with_o_proj_and_mlp_biases(tmp_path):
     assert loaded.model.layers[0].self_attn.o_proj.bias is not None
     with torch.no_grad():
         assert (model(ids).logits - loaded.eval()(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma3_mqa"])
+def test_gemma3_rejects_layer_pruning_up_front(family):
+    model = tiny_model(family)
+    with pytest.raises(ShapeError, match=r"num_hidden_layers.*local and global attention"):
+        attach_gates(model, {"num_hidden_layers": 2})
+    with pytest.raises(ShapeError, match="layer index"):
+        get_family(model).shape(model.config).resolve_target(
+            {"num_hidden_layers": 3, "hidden_size": 48}
+        )
+    # Restating the source value is not pruning it.
+    attach_gates(model, {"num_hidden_layers": 4, "hidden_size": 48})
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama_gqa", "qwen3"])
+def test_layer_scale_is_folded_after_branch_norms(family):
+    """A layer scale (gates keep every layer at values < 1) must be folded where the masking
+    hooks apply it: into o_proj / down_proj for pre-norm families, into the post-branch norms
+    (``s * (1 + w) - 1``) for Gemma 3, whose post norms would normalise a projection scale
+    away. The reference scales each layer's branch outputs by hand."""
+    model = tiny_model(family, attention_bias=True)
+    fam = get_family(model)
+    source = fam.shape(model.config)
+    n_layers = source.num_hidden_layers
+    scales = torch.tensor([0.3, 0.55, 0.8, 0.95])[:n_layers]
+    plan = plan_from_masks(
+        source,
+        source,
+        {"layers": torch.ones(n_layers, dtype=torch.bool)},
+        {"layers": scales},
+    )
+    compact = prune_model(model, plan=plan)
+    handles = []
+    for index, layer in enumerate(fam.layer_list(model)):
+        mods = fam.layer_modules(layer)
+        ends = mods.branch_norms or mods.branch_outputs
+        for module in ends:
+            handles.append(module.register_forward_hook(lambda m, a, out, s=scales[index]: out * s))
+    ids = input_ids(model.config.vocab_size, seed=7)
+    with torch.no_grad():
+        expected = model(ids).logits
+        for handle in handles:
+            handle.remove()
+        unscaled = model(ids).logits
+        got = compact(ids).logits
+    assert (expected - got).abs().max().item() < 1e-4
+    assert (unscaled - got).abs().max().item() > 1e-2

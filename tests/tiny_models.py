@@ -11,13 +11,17 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
+
+from composer_shear.families import get_family
 
 VOCAB_SIZE = 512
 
@@ -43,6 +47,52 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict]] = {
         Qwen2Config,
         dict(num_attention_heads=6, num_key_value_heads=2, head_dim=8, use_sliding_window=False),
     ),
+    # Qwen3: per-head q_norm / k_norm, explicit head_dim (here not hidden / heads), biases on
+    # q/k/v/o with attention_bias; sliding windows on the upper half of the layers.
+    "qwen3": (
+        Qwen3Config,
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=12,
+            attention_bias=True,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=2,
+        ),
+    ),
+    "qwen3_mqa": (
+        Qwen3Config,
+        dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, use_sliding_window=False),
+    ),
+    # Gemma 3 text: four norms per layer, (1 + weight) norms, scaled embedding, local/global
+    # layers alternating (pattern 2 gives both kinds in 4 layers, the 8-token window is
+    # shorter than the test sequences), q/k norms, logit soft-capping.
+    "gemma3": (
+        Gemma3TextConfig,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            sliding_window_pattern=2,
+            final_logit_softcapping=30.0,
+            attention_bias=True,
+        ),
+    ),
+    # Gemma-3-270M's layout: multi-query attention, head_dim larger than hidden / heads.
+    "gemma3_mqa": (
+        Gemma3TextConfig,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=24,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            sliding_window_pattern=3,
+        ),
+    ),
 }
 
 
@@ -64,6 +114,13 @@ def tiny_config(family: str, tie_word_embeddings: bool = False, **overrides) -> 
     base.update(kwargs)
     base.update(overrides)
     return config_cls(**base)
+
+
+def prunable_dims(family: str) -> set[str]:
+    """The target keys the family of ``family`` can prune (Gemma 3 cannot prune layers)."""
+    fixed = get_family(tiny_config(family)).fixed_dims(tiny_config(family))
+    keys = {"num_hidden_layers", "num_attention_heads", "num_key_value_heads"}
+    return keys.union({"intermediate_size", "hidden_size"}) - set(fixed)
 
 
 def tiny_model(family: str, tie_word_embeddings: bool = False, seed: int = 0, **overrides):

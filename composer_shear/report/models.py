@@ -45,11 +45,10 @@ def describe_model(name: str, path: str | Path) -> ModelInfo:
     """Reads a model directory's config and counts its parameters (no weights are loaded)."""
     from transformers import AutoConfig
 
-    from composer_shear.adapters import get_adapter
-    from composer_shear.shape import ModelShape
+    from composer_shear.families import get_family
 
     config = AutoConfig.from_pretrained(str(path))
-    shape = ModelShape.from_config(config, get_adapter(config).bias_layout(config))
+    shape = get_family(config).shape(config)
     return ModelInfo(name, Path(path), shape, shape.num_params(), shape.num_non_embedding_params())
 
 
