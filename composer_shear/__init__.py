@@ -3,7 +3,7 @@
 Where things live:
     * :mod:`composer_shear.shape` -- model shapes, target validation, parameter counting.
     * :mod:`composer_shear.gates` -- hard-concrete gates: sampling, expected L0, top-k masks.
-    * :mod:`composer_shear.adapters` -- where each model family keeps its projections and norms.
+    * :mod:`composer_shear.families` -- one declaration per model family (paths, norms, terms).
     * :mod:`composer_shear.masking` -- forward hooks that multiply gates into a stock HF model.
     * :mod:`composer_shear.pruning` -- the ``targeted_pruning`` Composer algorithm and penalty.
     * :mod:`composer_shear.surgery` -- deterministic masks -> compact Hugging Face model.

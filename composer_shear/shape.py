@@ -50,7 +50,7 @@ def count_params(
     norms_per_layer: int = 2,
     head_norms_per_layer: int = 0,
 ) -> Any:
-    """Counts the parameters of a Llama-style decoder, layer by layer.
+    """Counts the parameters of a decoder of the q/k/v/o + gate/up/down layout, layer by layer.
 
     Works on plain numbers (exact counts) and on tensors of expected counts (the pruning
     penalty's expected model size), so that both come from one formula.
@@ -67,10 +67,10 @@ def count_params(
         qkv_bias: Whether q/k/v projections have biases.
         o_bias: Whether the output projection has a bias.
         mlp_bias: Whether the MLP projections have biases.
-        norms_per_layer: Norms of one layer with a weight per hidden dim (2 for Llama, 4 for
-            Gemma 3's pre and post norms).
-        head_norms_per_layer: Norms of one layer over ``head_dim`` (Qwen3 / Gemma 3
-            ``q_norm`` and ``k_norm``: 2), whose size pruning never changes.
+        norms_per_layer: Norms of one layer with a weight per hidden dim (2 with pre-norms
+            only, 4 with post-branch norms too).
+        head_norms_per_layer: Norms of one layer over ``head_dim`` (per-head query / key
+            norms: 2), whose size pruning never changes.
 
     Returns:
         The parameter count (same type as the inputs).
@@ -106,7 +106,7 @@ class ModelShape:
         hidden_size: Model (residual stream) dimension.
         vocab_size: Vocabulary size (never pruned).
         tie_word_embeddings: Whether lm_head shares the embedding matrix.
-        qkv_bias: Whether q/k/v projections carry biases (Qwen2 does).
+        qkv_bias: Whether q/k/v projections carry biases.
         o_bias: Whether o_proj carries a bias.
         mlp_bias: Whether gate/up/down projections carry biases.
         norms_per_layer: Norms per layer with one weight per hidden dim.

@@ -48,6 +48,21 @@ FAMILY_TARGETS = {
         intermediate_size=48,
         hidden_size=48,
     ),
+    "qwen3": dict(
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=48,
+        hidden_size=48,
+    ),
+    # Gemma 3 keeps its layers (local/global attention follows the layer index).
+    "gemma3": dict(
+        num_hidden_layers=4,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        intermediate_size=48,
+        hidden_size=48,
+    ),
 }
 
 
