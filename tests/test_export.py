@@ -11,11 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from composer_shear.export import ExportError, export_checkpoint, load_composer_checkpoint
 from tests.pruning_helpers import (
+    FAMILY_TARGETS,
     REPO,
     VENV_BIN,
     gates_of,
     make_tiny_run_inputs,
     run_prune,
+    target_overrides,
 )
 
 pytestmark = pytest.mark.slow
@@ -194,3 +196,41 @@ def test_continued_pretraining_from_export_with_plain_llmfoundry(pruned_run, tmp
     assert model.config.hidden_size == pruned_run["target"].hidden_size
     assert torch.isfinite(trainer.state.loss).all()
     shutil.rmtree(export)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_new_families_end_to_end(family, tiny_tokenizer_dir, tmp_path):
+    """Learned pruning from importance init with KD from the source, then the callback export
+    and the CLI export: both equal the masked model at the target (tied embeddings)."""
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, family, tied=True)
+    trainer = run_prune(
+        model_dir,
+        data_dir,
+        "max_duration=6ba",
+        "algorithms.targeted_pruning.init=activation",
+        "algorithms.targeted_pruning.init_tokens=256",
+        f"algorithms.targeted_pruning.init_data={data_dir}",
+        "algorithms.knowledge_distillation.teacher=source",
+        "algorithms.knowledge_distillation.alpha=0.5",
+        f"save_folder={tmp_path / 'ckpt'}",
+        "save_interval=6ba",
+        "save_filename=last.pt",
+        f"callbacks.pruned_hf_export.save_folder={tmp_path / 'callback_export'}",
+        *target_overrides(FAMILY_TARGETS[family]),
+    )
+    gates = gates_of(trainer)
+    gates.eval_at = "target"
+    masked = trainer.state.model.model.eval()
+    ids = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        masked_logits = masked(ids).logits
+    trainer.close()
+    summary = export_checkpoint(tmp_path / "ckpt" / "last.pt", tmp_path / "cli")
+    for path in (tmp_path / "callback_export", summary.out_dir):
+        model = load_hf(path)
+        assert type(model).__name__ == type(masked).__name__
+        for key, value in FAMILY_TARGETS[family].items():
+            assert getattr(model.config, key) == value, key
+        assert sum(p.numel() for p in model.parameters()) == gates.target.num_params()
+        with torch.no_grad():
+            assert (model(ids).logits - masked_logits).abs().max().item() < 1e-4

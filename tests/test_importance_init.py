@@ -11,7 +11,14 @@ from transformers import AutoModelForCausalLM
 from composer_shear.importance import collect_importance, unit_scores
 from composer_shear.masking import find_gates
 from composer_shear.oneshot import calibration_batches, keep_masks_from_scores
-from tests.pruning_helpers import gate_state, gates_of, make_tiny_run_inputs, run_prune
+from tests.pruning_helpers import (
+    FAMILY_TARGETS,
+    gate_state,
+    gates_of,
+    make_tiny_run_inputs,
+    run_prune,
+    target_overrides,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +56,23 @@ def run(model_dir, data_dir, *overrides):
     return trainer, StartRecorder.last
 
 
-def test_step0_masks_are_the_oneshot_choice(tiny_tokenizer_dir, tmp_path):
-    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+@pytest.mark.parametrize(
+    "family, dims",
+    [
+        ("llama_gqa", {"layers", "kv_heads", "intermediate", "hidden"}),
+        # Gemma 3 keeps its layers; its single-query-head target prunes heads in a group.
+        ("gemma3", {"heads", "kv_heads", "intermediate", "hidden"}),
+    ],
+)
+def test_step0_masks_are_the_oneshot_choice(family, dims, tiny_tokenizer_dir, tmp_path):
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, family)
     trainer, rec = run(
         model_dir,
         data_dir,
         "max_duration=2ba",
         *INIT,
         f"algorithms.targeted_pruning.init_data={data_dir}",
+        *(target_overrides(FAMILY_TARGETS[family]) if family != "llama_gqa" else []),
     )
     gates = gates_of(trainer)
     trainer.close()
@@ -69,7 +85,7 @@ def test_step0_masks_are_the_oneshot_choice(tiny_tokenizer_dir, tmp_path):
     expected = keep_masks_from_scores(
         unit_scores(importance, gates.source), gates.source, gates.target
     )
-    assert set(rec.masks) == set(expected) == {"layers", "kv_heads", "intermediate", "hidden"}
+    assert set(rec.masks) == set(expected) == dims
     for name, mask in expected.items():
         assert torch.equal(rec.masks[name], mask), name
     # The choice is not the index-order default (the comparison is not vacuous).
