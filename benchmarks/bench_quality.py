@@ -194,6 +194,24 @@ def target_overrides(cfg: dict[str, Any]) -> list[str]:
     ]
 
 
+# The recipes fix their own seeds (data order 17 in pruning and 18 in CPT, gate noise 0), so
+# Composer's global `seed` alone changes nothing in a run from pretrained weights: a second
+# seed must move the data order and the gate noise. Seed 17 runs the recipes as written.
+RECIPE_SEED = 17
+
+
+def seed_overrides(seed: int, stage: str) -> list[str]:
+    """Dotlist overrides that make ``seed`` move a stage's data order (and gate noise)."""
+    if seed < 0:
+        raise ValueError(f"seeds must be non-negative, got {seed}")
+    if stage == "prune":
+        return [
+            f"train_loader.dataset.shuffle_seed={seed}",
+            f"algorithms.targeted_pruning.seed={seed - RECIPE_SEED}",
+        ]
+    return [f"train_loader.dataset.shuffle_seed={seed + 1}"]
+
+
 def run_method(
     name: str, spec: dict[str, Any], seed: int, steps: int, out: Path, cfg: dict[str, Any],
     source: Path, data: Path, reference: dict[str, float], tasks: Path | None = None,
@@ -230,6 +248,7 @@ def run_method(
                 f"algorithms.targeted_pruning.init_tokens={cfg['calibration_tokens']}",
                 *target_overrides(cfg),
                 *common,
+                *seed_overrides(seed, "prune"),
                 *spec.get("prune", []),
             ],
             run_dir / "logs" / "prune.log",
@@ -265,7 +284,12 @@ def run_method(
 
     log(f"  [{name}] continued pre-training {cpt_steps} steps")
     start = time.perf_counter()
-    cpt_overrides = [f"variables.model_dir={pruned}", f"variables.steps={cpt_steps}", *common]
+    cpt_overrides = [
+        f"variables.model_dir={pruned}",
+        f"variables.steps={cpt_steps}",
+        *common,
+        *seed_overrides(seed, "cpt"),
+    ]
     if route == "scratch":
         cpt_overrides.append("model.pretrained=false")
     if kd:
