@@ -40,6 +40,7 @@ from composer_shear.real_model import (
     GGUFModelSpec,
     ModelUnavailableError,
     float32_to_decimal,
+    gguf_to_hf_name,
     materialize,
 )
 
@@ -204,13 +205,7 @@ def _config(meta: dict[str, Any], tied: bool) -> Any:
 
 def _hf_name(gguf_name: str) -> str | None:
     """Maps a GGUF tensor name to its Hugging Face Gemma 3 name (None: not a model weight)."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    if stem.startswith("blk."):
-        _, layer, kind = stem.split(".", 2)
-        target = _BLOCK_TENSORS.get(kind)
-        return f"model.layers.{int(layer)}.{target}.{suffix}" if target else None
-    target = _GLOBAL_TENSORS.get(stem)
-    return f"{target}.{suffix}" if target else None
+    return gguf_to_hf_name(gguf_name, _BLOCK_TENSORS, _GLOBAL_TENSORS)
 
 
 def _fix_tensor(name: str, values: np.ndarray, config: Any) -> np.ndarray:

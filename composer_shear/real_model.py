@@ -58,6 +58,7 @@ __all__ = [
     "default_cache_dir",
     "dequantize",
     "float32_to_decimal",
+    "gguf_to_hf_name",
     "materialize",
     "materialize_smollm2",
     "read_metadata",
@@ -260,15 +261,31 @@ def _unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols).copy()
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    """Maps a GGUF tensor name to its Hugging Face Llama name (None: not a model weight)."""
+def gguf_to_hf_name(
+    gguf_name: str, block_tensors: dict[str, str], global_tensors: dict[str, str]
+) -> str | None:
+    """Maps a GGUF tensor name to a Hugging Face name through a family's two name tables.
+
+    Args:
+        gguf_name: e.g. ``blk.3.attn_q.weight`` or ``token_embd.weight``.
+        block_tensors: GGUF per-layer stem -> HF module path inside ``model.layers.<i>``.
+        global_tensors: GGUF global stem -> HF module path.
+
+    Returns:
+        The HF parameter name, or None for a tensor that is not a model weight.
+    """
     stem, _, suffix = gguf_name.rpartition(".")
     if stem.startswith("blk."):
         _, layer, kind = stem.split(".", 2)
-        target = _BLOCK_TENSORS.get(kind)
+        target = block_tensors.get(kind)
         return f"model.layers.{int(layer)}.{target}.{suffix}" if target else None
-    target = _GLOBAL_TENSORS.get(stem)
+    target = global_tensors.get(stem)
     return f"{target}.{suffix}" if target else None
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """Maps a GGUF tensor name to its Hugging Face Llama name (None: not a model weight)."""
+    return gguf_to_hf_name(gguf_name, _BLOCK_TENSORS, _GLOBAL_TENSORS)
 
 
 def _smollm2_fix_tensor(name: str, values: np.ndarray, config: Any) -> np.ndarray:
