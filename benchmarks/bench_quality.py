@@ -57,10 +57,10 @@ from composer_shear.demo import (  # noqa: E402
     CPT_YAML,
     DEFAULT_CORPUS,
     PRUNE_YAML,
-    _check_hf_dir,
-    _environment,
-    _list_override,
-    _llmfoundry_train,
+    check_hf_dir,
+    list_override,
+    llmfoundry_train,
+    subprocess_environment,
 )
 from composer_shear.report.metrics import export_gap as metrics_export_gap  # noqa: E402
 from composer_shear.report.metrics import read_metrics  # noqa: E402
@@ -226,7 +226,7 @@ def run_method(
         f"variables.run_dir={run_dir}",
         f"variables.max_seq_len={cfg['max_seq_len']}",
         f"variables.update_interval={update_interval(cfg, steps)}ba",
-        _list_override("variables.target_loss", [reference[d] for d in cfg["domains"]]),
+        list_override("variables.target_loss", [reference[d] for d in cfg["domains"]]),
         f"seed={seed}",
     ]
     route = spec["route"]
@@ -240,7 +240,7 @@ def run_method(
     start = time.perf_counter()
     if route == "learned":
         log(f"  [{name}] pruning {prune_steps} steps")
-        _llmfoundry_train(
+        llmfoundry_train(
             PRUNE_KD_YAML if kd else PRUNE_YAML,
             [
                 f"variables.model_dir={source}",
@@ -263,13 +263,14 @@ def run_method(
             "--calibration-tokens", str(cfg["calibration_tokens"]), "--method", importance,
             "--seed", str(seed), "--target-shape", shape,
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_environment(), cwd=REPO)
+        env = subprocess_environment()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         (run_dir / "logs").mkdir(exist_ok=True)
         (run_dir / "logs" / "oneshot.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             raise RuntimeError(f"prune-oneshot failed:\n{proc.stderr[-3000:]}")
     times["prune"] = time.perf_counter() - start
-    _check_hf_dir(pruned)
+    check_hf_dir(pruned)
     before = None if route == "scratch" else evaluate(pruned, data, cfg)
     landing, export_gap = None, None
     if route == "learned":
@@ -294,7 +295,7 @@ def run_method(
         cpt_overrides.append("model.pretrained=false")
     if kd:
         cpt_overrides.append(f"variables.teacher_dir={source}")
-    _llmfoundry_train(
+    llmfoundry_train(
         CPT_KD_YAML if kd else CPT_YAML,
         [*cpt_overrides, *spec.get("cpt", [])],
         run_dir / "logs" / "cpt.log",

@@ -32,7 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoSettings", "downstream_stage", "register_cli", "run_demo"]
+__all__ = [
+    "DemoSettings",
+    "check_hf_dir",
+    "downstream_stage",
+    "list_override",
+    "llmfoundry_train",
+    "register_cli",
+    "run_demo",
+    "subprocess_environment",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO / "data" / "sample_corpus"
@@ -68,7 +77,7 @@ def _stage(number: int, total: int, title: str) -> None:
     print(f"\n[{number}/{total}] {title}", flush=True)
 
 
-def _llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path) -> None:
+def llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path) -> None:
     """Runs ``llmfoundry train`` in a subprocess, echoing progress and keeping the full log."""
     llmfoundry = Path(sys.executable).parent / "llmfoundry"
     command = [str(llmfoundry), "train", str(yaml), *overrides]
@@ -81,7 +90,7 @@ def _llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path) -> None:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=REPO,
-            env=_environment(),
+            env=subprocess_environment(),
         )
         assert process.stdout is not None
         for line in process.stdout:
@@ -97,7 +106,8 @@ def _llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path) -> None:
         )
 
 
-def _environment() -> dict[str, str]:
+def subprocess_environment() -> dict[str, str]:
+    """This process's environment, offline for the hub and quiet for tokenizers."""
     import os
 
     env = dict(os.environ)
@@ -107,7 +117,8 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _list_override(name: str, values: list[float]) -> str:
+def list_override(name: str, values: list[float]) -> str:
+    """An OmegaConf command-line override setting ``name`` to a list of floats."""
     return f"{name}=[{','.join(f'{value:.4f}' for value in values)}]"
 
 
@@ -119,7 +130,7 @@ def _timed(stages: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _check_hf_dir(path: Path) -> dict[str, Any]:
+def check_hf_dir(path: Path) -> dict[str, Any]:
     """Loads an HF directory back with transformers (strictly) and returns its config."""
     from transformers import AutoModelForCausalLM
 
@@ -278,13 +289,13 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
         f"variables.run_dir={run_dir}",
         f"variables.max_seq_len={settings.max_seq_len}",
         f"variables.update_interval={settings.update_interval}ba",
-        _list_override("variables.target_loss", reference),
+        list_override("variables.target_loss", reference),
     ]
     _stage(4, total, f"Prune with llmfoundry train ({settings.prune_steps} steps)")
     _timed(
         stages,
         "prune",
-        lambda: _llmfoundry_train(
+        lambda: llmfoundry_train(
             PRUNE_YAML,
             [
                 f"variables.model_dir={source_dir}",
@@ -297,7 +308,7 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
 
     _stage(5, total, "Check the exported Hugging Face model")
     pruned_dir = run_dir / "models" / "pruned"
-    config = _timed(stages, "export", lambda: _check_hf_dir(pruned_dir))
+    config = _timed(stages, "export", lambda: check_hf_dir(pruned_dir))
     print(
         f"    {pruned_dir}: layers={config['num_hidden_layers']} hidden={config['hidden_size']} "
         f"heads={config['num_attention_heads']}/{config['num_key_value_heads']} "
@@ -311,14 +322,14 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
     _timed(
         stages,
         "cpt",
-        lambda: _llmfoundry_train(
+        lambda: llmfoundry_train(
             CPT_YAML,
             [f"variables.model_dir={pruned_dir}", f"variables.steps={settings.cpt_steps}", *common],
             run_dir / "logs" / "cpt.log",
         ),
     )
     cpt_dir = run_dir / "models" / "cpt" / "huggingface" / "final"
-    _check_hf_dir(cpt_dir)
+    check_hf_dir(cpt_dir)
     run_info["models"]["cpt"] = str(cpt_dir)
 
     _stage(7, total, "Evaluate the pruned and continued models, write the report")

@@ -30,6 +30,7 @@ from composer_shear.surgery import PruningPlan, plan_pruning, prune_model
 __all__ = [
     "ExportError",
     "ExportSummary",
+    "check_out_dir",
     "export_checkpoint",
     "export_model",
     "find_gated_hf_model",
@@ -79,7 +80,8 @@ class ExportSummary:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Raises ExportError unless ``out_dir`` is absent, empty, or may be overwritten."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory.")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -101,7 +103,7 @@ def write_hf_directory(
     failure never leaves a half-written ``out_dir`` (and an existing one survives it).
     """
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
@@ -151,7 +153,7 @@ def export_model(
         dtype: Dtype of the written weights (default: the model's).
     """
     start = time.perf_counter()
-    _check_out_dir(Path(out_dir), overwrite)
+    check_out_dir(Path(out_dir), overwrite)
     gates = find_gates(hf_model)
     if gates is None:
         raise ExportError("The model carries no pruning gates.")
@@ -340,7 +342,7 @@ def export_checkpoint(
         ExportError: Bad checkpoint, no pruning state, no tokenizer, non-empty output.
     """
     start = time.perf_counter()
-    _check_out_dir(Path(out_dir), overwrite)
+    check_out_dir(Path(out_dir), overwrite)
     checkpoint = load_composer_checkpoint(checkpoint_path)
     # The tokenizer's files are materialised here (not in the working directory) and must
     # outlive the export, which saves them next to the weights.

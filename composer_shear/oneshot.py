@@ -199,12 +199,12 @@ def parse_target_shape(text: str) -> dict[str, int]:
 def _run_cli(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from composer_shear.export import ExportError, _check_out_dir, write_hf_directory
+    from composer_shear.export import ExportError, check_out_dir, write_hf_directory
 
     start = time.perf_counter()
     try:
         target_shape = parse_target_shape(args.target_shape)
-        _check_out_dir(Path(args.out_dir), args.overwrite)
+        check_out_dir(Path(args.out_dir), args.overwrite)
         if args.method == "activation" and args.data is None:
             raise ValueError("--data is required for --method activation")
         print(f"loading {args.source}", flush=True)

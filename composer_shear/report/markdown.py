@@ -18,17 +18,17 @@ from composer_shear.report.labels import (
     MODEL_LABELS,
     MODEL_ORDER,
 )
-from composer_shear.report.metrics import MetricsLog, _json_safe, export_gap, read_metrics
+from composer_shear.report.metrics import MetricsLog, export_gap, json_safe, read_metrics
 from composer_shear.report.models import (
     DEFAULT_PROMPTS,
     ModelInfo,
-    _cached_generations,
+    cached_generations,
     describe_model,
     generate_samples,
 )
 from composer_shear.report.plots import (
-    _dims,
-    _loss,
+    domain_loss,
+    logged_dims,
     plot_domain_weights,
     plot_eval_losses,
     plot_lambdas,
@@ -213,7 +213,7 @@ def _summary(run: _Run) -> str:
     if run.losses and run.domains:
         means = []
         for column in LOSS_COLUMNS:
-            values = [_loss(run.losses, column, d) for d in run.domains]
+            values = [domain_loss(run.losses, column, d) for d in run.domains]
             if values and all(v is not None for v in values):
                 means.append(f"{LOSS_LABELS[column]} {sum(values) / len(values):.3f}")  # type: ignore[arg-type]
         if means:
@@ -291,16 +291,22 @@ def _losses_section(run: _Run) -> list[str]:
     for domain in run.domains:
         row: list[Any] = [domain]
         for column in columns:
-            value = _loss(run.losses, column, domain)
+            value = domain_loss(run.losses, column, domain)
             sums[column].append(value)
             row.append(_fmt(value))
         if has_delta:
-            before, after = _loss(run.losses, "pruned", domain), _loss(run.losses, "cpt", domain)
+            before, after = (
+                domain_loss(run.losses, "pruned", domain),
+                domain_loss(run.losses, "cpt", domain),
+            )
             delta = None if before is None or after is None else after - before
             deltas[domain] = delta
             row.append(_fmt(delta, signed=True))
         if has_excess:
-            after, ref = _loss(run.losses, "cpt", domain), _loss(run.losses, "reference", domain)
+            after, ref = (
+                domain_loss(run.losses, "cpt", domain),
+                domain_loss(run.losses, "reference", domain),
+            )
             row.append(_fmt(None if after is None or ref is None else after - ref, signed=True))
         rows.append(row)
 
@@ -384,7 +390,7 @@ def _pruning_section(run: _Run) -> list[str]:
     m = run.prune
     if m is None:
         return ["## Pruning outcome", "", "_No `metrics/prune.jsonl` in this run._", ""]
-    dims = _dims(m, "expected_sparsity")
+    dims = logged_dims(m, "expected_sparsity")
     if not dims:
         return ["## Pruning outcome", "", "_`metrics/prune.jsonl` has no pruning metrics._", ""]
     rows = []
@@ -498,7 +504,7 @@ def _settings_section(run: _Run) -> list[str]:
         lines += [f"Started {started}.", ""]
     if not isinstance(settings, Mapping) or not settings:
         return [*lines, "_No settings in `run.json`._", ""]
-    rows = [[f"`{k}`", f"`{json.dumps(_json_safe(v))}`"] for k, v in _flatten(settings)]
+    rows = [[f"`{k}`", f"`{json.dumps(json_safe(v))}`"] for k, v in _flatten(settings)]
     return [*lines, _table(["setting", "value"], rows, numeric_from=2), ""]
 
 
@@ -552,7 +558,7 @@ def _generations_section(run: _Run, generate: bool, prompts: Sequence[str]) -> l
     cache = run.out_dir / "generations.json"
     if not run.model_dirs:
         return [*lines, "_No model directories to generate from._", ""]
-    data = _cached_generations(cache, run.model_dirs, prompts, 24)
+    data = cached_generations(cache, run.model_dirs, prompts, 24)
     if data is None and generate:
         data = generate_samples(run.model_dirs, prompts, max_new_tokens=24)
         cache.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -56,7 +56,7 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _json_safe(value: Any, depth: int = 0) -> Any:
+def json_safe(value: Any, depth: int = 0) -> Any:
     """A JSON-serialisable copy of ``value`` (unknown objects become strings)."""
     if depth > 20:
         return str(value)
@@ -69,19 +69,19 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
             items = list(value.items())
         except Exception:  # an OmegaConf node with a broken interpolation, for example
             return str(value)
-        return {str(k): _json_safe(v, depth + 1) for k, v in items}
+        return {str(k): json_safe(v, depth + 1) for k, v in items}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_json_safe(v, depth + 1) for v in value]
+        return [json_safe(v, depth + 1) for v in value]
     if isinstance(value, Path):
         return str(value)
     number = _to_float(value)
     if number is not None:
         return _json_number(number)
     if hasattr(value, "items") and callable(value.items):
-        return _json_safe(dict(value.items()), depth + 1)
+        return json_safe(dict(value.items()), depth + 1)
     if hasattr(value, "__iter__") and not isinstance(value, (bytes, bytearray)):
         try:
-            return [_json_safe(v, depth + 1) for v in value]
+            return [json_safe(v, depth + 1) for v in value]
         except Exception:
             return str(value)
     return str(value)
@@ -151,7 +151,7 @@ class JSONLMetricsLogger(LoggerDestination):
         """Merges hyperparameters; written as one line before the next metrics line."""
         if dist.get_global_rank() != 0:
             return
-        self._pending_hparams.update(_json_safe(dict(hyperparameters)))
+        self._pending_hparams.update(json_safe(dict(hyperparameters)))
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Writes one ``{"step", "metrics"}`` line with the numeric values of ``metrics``."""

@@ -129,7 +129,7 @@ def generate_samples(
     return result
 
 
-def _cached_generations(
+def cached_generations(
     cache: Path, model_dirs: Mapping[str, Path], prompts: Sequence[str], max_new_tokens: int
 ) -> dict[str, Any] | None:
     """The cached generations if they were made from the same models and prompts."""

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _loss(losses: Mapping[str, Any], column: str, domain: str) -> float | None:
+def domain_loss(losses: Mapping[str, Any], column: str, domain: str) -> float | None:
+    """One domain's loss in one column of a run's loss table (None: missing or not a number)."""
     table = losses.get(column)
     if not isinstance(table, Mapping):
         return None
@@ -87,7 +88,8 @@ def plot_domain_weights(
     return _save(fig, out)
 
 
-def _dims(metrics: MetricsLog, suffix: str) -> list[str]:
+def logged_dims(metrics: MetricsLog, suffix: str) -> list[str]:
+    """The pruned dimensions with a ``pruning/<dim>/<suffix>`` series, in the usual order."""
     found = [d for d in PRUNING_DIMS if metrics.has(f"pruning/{d}/{suffix}")]
     # Any dimension a newer version adds still gets a panel.
     extra = sorted(
@@ -108,7 +110,7 @@ def _grid(n: int) -> tuple[int, int]:
 
 def plot_sparsity(metrics: MetricsLog, out: Path) -> Path | None:
     """Expected vs target sparsity per pruned dimension, plus expected vs target model size."""
-    dims = _dims(metrics, "expected_sparsity")
+    dims = logged_dims(metrics, "expected_sparsity")
     size = metrics.has("pruning/expected_num_params")
     n = len(dims) + int(size)
     if n == 0:
@@ -144,7 +146,7 @@ def plot_sparsity(metrics: MetricsLog, out: Path) -> Path | None:
 def plot_lambdas(metrics: MetricsLog, out: Path) -> Path | None:
     """Lagrange multipliers λ1 and λ2 per pruned dimension."""
     dims = sorted(
-        set(_dims(metrics, "lambda_1")) | set(_dims(metrics, "lambda_2")),
+        set(logged_dims(metrics, "lambda_1")) | set(logged_dims(metrics, "lambda_2")),
         key=lambda d: PRUNING_DIMS.index(d) if d in PRUNING_DIMS else len(PRUNING_DIMS),
     )
     if not dims:
@@ -243,7 +245,7 @@ def plot_eval_losses(losses: Mapping[str, Any], domains: Sequence[str], out: Pat
     x = np.arange(len(domains))
     width = 0.8 / len(columns)
     for i, column in enumerate(columns):
-        values = [_loss(losses, column, d) for d in domains]
+        values = [domain_loss(losses, column, d) for d in domains]
         ax.bar(
             x + (i - (len(columns) - 1) / 2) * width,
             [math.nan if v is None else v for v in values],
