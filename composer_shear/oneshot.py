@@ -199,7 +199,12 @@ def parse_target_shape(text: str) -> dict[str, int]:
 def _run_cli(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from composer_shear.export import ExportError, check_out_dir, write_hf_directory
+    from composer_shear.export import (
+        ExportError,
+        check_out_dir,
+        kept_units_record,
+        write_hf_directory,
+    )
 
     start = time.perf_counter()
     try:
@@ -224,7 +229,11 @@ def _run_cli(args: argparse.Namespace) -> int:
             )
             n_tokens = sum(b.numel() for b in batches)
             print(f"calibrating on {len(batches)} batches ({n_tokens:,} tokens)", flush=True)
-        compact = prune_oneshot(model, target_shape, batches, args.method, args.seed)
+        # prune_oneshot's steps, kept apart here so the export records the plan's units.
+        model.eval()
+        importance = _importance(model, batches, args.method, args.seed)
+        plan = oneshot_plan(model, target_shape, importance)
+        compact = prune_model(model, plan=plan)
         info = {
             "method": f"oneshot-{args.method}",
             "source_shape": source.config_updates(),
@@ -234,7 +243,14 @@ def _run_cli(args: argparse.Namespace) -> int:
             "calibration_tokens": 0 if batches is None else sum(b.numel() for b in batches),
             "seed": args.seed,
         }
-        write_hf_directory(compact, args.out_dir, tokenizer, args.overwrite, info=info)
+        write_hf_directory(
+            compact,
+            args.out_dir,
+            tokenizer,
+            args.overwrite,
+            info=info,
+            kept_units=kept_units_record(plan, source),
+        )
     except (ShapeError, ValueError, FileNotFoundError, ExportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -52,6 +52,20 @@ class PruningPlan:
     kept_hidden: torch.Tensor
     target: ModelShape
 
+    def kept_units(self) -> dict[str, list]:
+        """Source indices of every kept unit as JSON-ready lists (what an export records).
+
+        Per-layer dimensions (``heads``, ``kv_heads``, ``intermediate``) hold one row per kept
+        layer, in the order of ``layers``.
+        """
+        return {
+            "layers": list(self.kept_layers),
+            "heads": self.kept_heads.tolist(),
+            "kv_heads": self.kept_kv.tolist(),
+            "intermediate": self.kept_intermediate.tolist(),
+            "hidden": self.kept_hidden.tolist(),
+        }
+
 
 def _kept_indices(keep_mask: torch.Tensor) -> torch.Tensor:
     """Per row, the ascending indices where ``keep_mask`` is set (same count in every row)."""

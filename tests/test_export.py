@@ -9,7 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from composer_shear.export import ExportError, export_checkpoint, load_composer_checkpoint
+from composer_shear.export import (
+    ExportError,
+    compare_kept_units,
+    export_checkpoint,
+    load_composer_checkpoint,
+    read_kept_units,
+)
+from composer_shear.surgery import plan_pruning
 from tests.pruning_helpers import (
     FAMILY_TARGETS,
     REPO,
@@ -52,6 +59,7 @@ def pruned_run(tmp_path_factory, tiny_tokenizer_dir):
         masked_logits=masked_logits,
         target=gates.target,
         hf_model=hf_model,
+        kept=plan_pruning(gates).kept_units(),
     )
 
 
@@ -97,6 +105,64 @@ def test_callback_export_equals_cli_export(pruned_run, tmp_path):
         callback_model.state_dict().items(), cli_model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_export_records_the_source_units_it_keeps(pruned_run, tmp_path):
+    out = export_checkpoint(pruned_run["ckpt"], tmp_path / "export").out_dir
+    record = read_kept_units(out)
+    target, kept = pruned_run["target"], record["kept"]
+    assert kept == pruned_run["kept"]  # the plan of the trained gates
+    assert len(kept["layers"]) == target.num_hidden_layers
+    assert len(kept["hidden"]) == target.hidden_size
+    assert all(len(row) == target.intermediate_size for row in kept["intermediate"])
+    assert all(len(row) == target.num_key_value_heads for row in kept["kv_heads"])
+    # The indices name the weights that were kept: gate_proj carries no folded gate value.
+    model, source = load_hf(out), pruned_run["hf_model"]
+    for i, layer in enumerate(kept["layers"]):
+        weight = source.model.layers[layer].mlp.gate_proj.weight
+        sliced = weight[kept["intermediate"][i]][:, kept["hidden"]]
+        assert torch.equal(model.model.layers[i].mlp.gate_proj.weight, sliced), layer
+    # Compared with itself and with the callback's export of the same run: all shared.
+    same = compare_kept_units(record, read_kept_units(pruned_run["root"] / "callback_export"))
+    assert all(row["shared"] == 1.0 and row["chance"] <= 1.0 for row in same.values())
+    proc = subprocess.run(
+        [str(VENV_BIN / "composer-shear"), "compare-units", str(out), str(out),
+         "--json", str(tmp_path / "overlap.json")],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "intermediate" in proc.stdout and (tmp_path / "overlap.json").exists()
+    missing = subprocess.run(
+        [str(VENV_BIN / "composer-shear"), "compare-units", str(out), str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "composer_shear_kept_units.json" in missing.stderr
+
+
+def test_compare_kept_units_counts_and_chance():
+    shape = {
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "intermediate_size": 8, "hidden_size": 16,
+    }  # fmt: skip
+    a = {"source_shape": shape, "kept": {
+        "layers": [0, 1, 3], "heads": [[0, 1], [0, 2], [2, 3]], "kv_heads": [[0], [0], [1]],
+        "intermediate": [[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]], "hidden": list(range(8)),
+    }}  # fmt: skip
+    b = {"source_shape": shape, "kept": {
+        "layers": [0, 2, 3], "heads": [[0, 1], [0, 1], [0, 1]], "kv_heads": [[0], [0], [0]],
+        "intermediate": [[0, 1, 6, 7], [0, 1, 2, 3], [0, 2, 4, 6]], "hidden": list(range(4, 12)),
+    }}  # fmt: skip
+    result = compare_kept_units(a, b)
+    assert result["layers"] == pytest.approx(
+        {"kept_a": 3, "kept_b": 3, "both": 2, "shared": 2 / 3, "chance": 3 / 4}
+    )
+    # Per-layer dimensions: only layers 0 and 3, kept by both.
+    assert result["intermediate"]["both"] == 2 + 4 and result["intermediate"]["kept_a"] == 8
+    assert result["intermediate"]["chance"] == pytest.approx(0.5)
+    assert result["heads"]["both"] == 2 and result["kv_heads"]["shared"] == 0.5
+    assert result["hidden"]["shared"] == 0.5 and result["hidden"]["chance"] == 0.5
+    with pytest.raises(ExportError, match="different source shapes"):
+        compare_kept_units(a, {**b, "source_shape": {**shape, "hidden_size": 32}})
 
 
 def test_checkpoint_folder_is_accepted(pruned_run, tmp_path):

@@ -198,6 +198,13 @@ def test_cli_prunes_smollm2_at_target(smollm2_dir, tmp_path):
     assert not any(info.values()), info
     assert loaded.config.num_hidden_layers == 24 and loaded.config.hidden_size == 512
     assert sum(p.numel() for p in loaded.parameters()) == 80_241_152
+    from composer_shear.export import read_kept_units
+
+    kept = read_kept_units(out)["kept"]
+    assert len(kept["layers"]) == 24 and kept["layers"] == sorted(set(kept["layers"]))
+    assert set(kept["layers"]) <= set(range(30)) and len(kept["hidden"]) == 512
+    assert all(len(row) == 1152 and row == sorted(set(row)) for row in kept["intermediate"])
+    assert all(len(row) == 6 for row in kept["heads"])
     # Bad input: a clear error, nothing written.
     bad = subprocess.run(
         [*cmd[:3], str(tmp_path / "bad"), *cmd[4:-2], "--target-shape", "hidden_size=4096"],
