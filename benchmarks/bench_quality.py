@@ -7,8 +7,11 @@ pre-training), through real ``llmfoundry train`` jobs, and writes:
 * ``RESULTS/<method>-s<seed>.json``: per-domain eval losses before and after CPT, the
   eval curve of the CPT run, tokens, training compute, wall time; for learned routes also the
   landing (each pruned dimension's largest per-row distance of the expected keep from the
-  target at the end of pruning) and the export gap (exported model's loss minus the last
-  in-run pruning evaluation, same samples);
+  target at the end of pruning), the export gap (exported model's loss minus the last
+  in-run pruning evaluation, same samples) and how many of its kept units one-shot cuts keep
+  too (``units_shared_with_oneshot``);
+* with ``--prune-only``, ``RESULTS/prune_only/``: the same up to the end of pruning (minutes
+  instead of the CPT's half hour), and a table of them;
 * ``RESULTS/table.md``: per-domain and mean eval loss, worst gap to the reference loss, tokens,
   wall time, seeds (mean and spread when several seeds ran);
 * ``RESULTS/quality.png``: mean eval loss against training tokens, per method;
@@ -34,6 +37,7 @@ resumed. Usage::
     python benchmarks/bench_quality.py --budget small --table-only   # table and plot only
     python benchmarks/bench_quality.py --budget small --downstream 200   # + downstream column
     python benchmarks/bench_quality.py --curve        # cross-budget table and plot only
+    python benchmarks/bench_quality.py --steps 512 --methods learned_harden_p10 --prune-only
 """
 
 from __future__ import annotations
@@ -200,6 +204,14 @@ def target_overrides(cfg: dict[str, Any]) -> list[str]:
 RECIPE_SEED = 17
 
 
+def gate_seed(seed: int) -> int:
+    """The pruning algorithm's own seed for a benchmark seed (17: 0, as the recipes are written).
+
+    It seeds the gate noise and the importance init's calibration sample.
+    """
+    return seed - RECIPE_SEED
+
+
 def seed_overrides(seed: int, stage: str) -> list[str]:
     """Dotlist overrides that make ``seed`` move a stage's data order (and gate noise)."""
     if seed < 0:
@@ -207,16 +219,84 @@ def seed_overrides(seed: int, stage: str) -> list[str]:
     if stage == "prune":
         return [
             f"train_loader.dataset.shuffle_seed={seed}",
-            f"algorithms.targeted_pruning.seed={seed - RECIPE_SEED}",
+            f"algorithms.targeted_pruning.seed={gate_seed(seed)}",
         ]
     return [f"train_loader.dataset.shuffle_seed={seed + 1}"]
+
+
+def oneshot_cut(
+    source: Path, out_dir: Path, data: Path, cfg: dict[str, Any], importance: str, seed: int,
+    log_file: Path,
+) -> None:  # fmt: skip
+    """``composer-shear prune-oneshot`` of the source to the target shape, as a user runs it."""
+    shape = ",".join(f"{k}={v}" for k, v in cfg["target_shape"].items())
+    cmd = [
+        str(Path(sys.executable).parent / "composer-shear"), "prune-oneshot", str(source),
+        str(out_dir), "--data", str(data), "--max-seq-len", str(cfg["max_seq_len"]),
+        "--calibration-tokens", str(cfg["calibration_tokens"]), "--method", importance,
+        "--seed", str(seed), "--target-shape", shape,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=subprocess_environment(), cwd=REPO
+    )
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prune-oneshot failed:\n{proc.stderr[-3000:]}")
+
+
+def units_shared_with_oneshot(
+    pruned: Path, run_dir: Path, source: Path, data: Path, cfg: dict[str, Any], seed: int
+) -> dict[str, dict[str, float]]:
+    """How far a learned export's kept units are from one-shot cuts, per dimension.
+
+    Two one-shot cuts are made: ``init`` from the calibration sample of the learned route's
+    importance init (so at step 0 of pruning the learned route keeps exactly its units), and
+    ``route`` as the one-shot route of the same seed makes it (another calibration sample).
+
+    Returns:
+        Per dimension: ``shared`` (share of the learned export's units that ``init`` keeps
+        too: what it lacks of 1.0 is what the learned stage moved), ``shared_route`` (the same
+        against ``route``), ``calibration`` (``init`` against ``route``: what the calibration
+        sample alone moves) and ``chance`` (what two random cuts share on average).
+    """
+    from composer_shear.export import compare_kept_units, read_kept_units
+
+    cuts = {}
+    for name, cut_seed in (("init", gate_seed(seed)), ("route", seed)):
+        cut = run_dir / "models" / f"oneshot_cut_{name}"
+        shutil.rmtree(cut, ignore_errors=True)
+        oneshot_cut(
+            source, cut, data, cfg, "activation", cut_seed, run_dir / "logs" / f"{name}.log"
+        )
+        cuts[name] = read_kept_units(cut)
+        shutil.rmtree(cut, ignore_errors=True)
+    learned = read_kept_units(pruned)
+    vs_init = compare_kept_units(learned, cuts["init"])
+    vs_route = compare_kept_units(learned, cuts["route"])
+    calibration = compare_kept_units(cuts["init"], cuts["route"])
+    return {
+        dim: {
+            "shared": row["shared"],
+            "shared_route": vs_route[dim]["shared"],
+            "calibration": calibration[dim]["shared"],
+            "chance": row["chance"],
+        }
+        for dim, row in vs_init.items()
+    }
 
 
 def run_method(
     name: str, spec: dict[str, Any], seed: int, steps: int, out: Path, cfg: dict[str, Any],
     source: Path, data: Path, reference: dict[str, float], tasks: Path | None = None,
+    prune_only: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Runs one method end to end; returns its result record."""
+    """Runs one method end to end; returns its result record.
+
+    With ``prune_only``, stops after the pruning stage (or the one-shot cut) and returns the
+    model before CPT: its losses, landing, export gap and the units it shares with the
+    one-shot cut (learned routes).
+    """
     run_dir = out / "runs" / f"{name}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -256,23 +336,11 @@ def run_method(
     else:
         importance = "random" if route == "scratch" else spec.get("importance", "activation")
         log(f"  [{name}] one-shot ({importance}) cut")
-        shape = ",".join(f"{k}={v}" for k, v in cfg["target_shape"].items())
-        cmd = [
-            str(Path(sys.executable).parent / "composer-shear"), "prune-oneshot", str(source),
-            str(pruned), "--data", str(data), "--max-seq-len", str(cfg["max_seq_len"]),
-            "--calibration-tokens", str(cfg["calibration_tokens"]), "--method", importance,
-            "--seed", str(seed), "--target-shape", shape,
-        ]  # fmt: skip
-        env = subprocess_environment()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        (run_dir / "logs").mkdir(exist_ok=True)
-        (run_dir / "logs" / "oneshot.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            raise RuntimeError(f"prune-oneshot failed:\n{proc.stderr[-3000:]}")
+        oneshot_cut(source, pruned, data, cfg, importance, seed, run_dir / "logs" / "oneshot.log")
     times["prune"] = time.perf_counter() - start
     check_hf_dir(pruned)
     before = None if route == "scratch" else evaluate(pruned, data, cfg)
-    landing, export_gap = None, None
+    landing, export_gap, units = None, None, None
     if route == "learned":
         prune_metrics = run_dir / "metrics" / "prune.jsonl"
         landing = {
@@ -282,6 +350,18 @@ def run_method(
         }
         gap = metrics_export_gap(read_metrics(prune_metrics), before, cfg["domains"])
         export_gap = None if gap is None else gap[0] - gap[1]
+        units = units_shared_with_oneshot(pruned, run_dir, source, data, cfg, seed)
+    if prune_only:
+        return {
+            "method": name,
+            "seed": seed,
+            "steps": {"prune": prune_steps, "cpt": cpt_steps},
+            "before_cpt": before,
+            "landing": landing,
+            "export_gap": export_gap,
+            "units_shared_with_oneshot": units,
+            "seconds": times,
+        }
 
     log(f"  [{name}] continued pre-training {cpt_steps} steps")
     start = time.perf_counter()
@@ -331,6 +411,7 @@ def run_method(
         "flop_params": {"source": n_source, "target": n_target},
         "landing": landing,
         "export_gap": export_gap,
+        "units_shared_with_oneshot": units,
         "downstream": downstream,
     }
     # KD adds the teacher's forward (2 N_source) on every training token.
@@ -436,6 +517,39 @@ def write_outputs(
     return table
 
 
+def prune_only_table(folder: Path) -> str:
+    """Markdown table of the ``--prune-only`` records in ``folder``, one row per run."""
+    dims = ["layers", "heads", "kv_heads", "intermediate", "hidden"]
+    # Each cell: the share of the learned export's units that the importance init's one-shot
+    # cut keeps too, the same against the one-shot route's cut, the two cuts against each
+    # other, and (in brackets) what two random cuts share.
+    lines = [
+        "| method | seed | pruning steps | before CPT | "
+        + " | ".join(f"{d}: init / route / calibration (chance)" for d in dims)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(dims),
+    ]
+    for path in sorted(folder.glob("*-s*.json")):
+        record = json.loads(path.read_text())
+        units = record.get("units_shared_with_oneshot") or {}
+        cells = [
+            "{shared:.3f} / {shared_route:.3f} / {calibration:.3f} ({chance:.3f})".format(
+                **units[d]
+            )
+            if d in units
+            else "-"
+            for d in dims
+        ]
+        before = record.get("before_cpt")
+        mean = f"{statistics.fmean(before.values()):.3f}" if before else "-"
+        lines.append(
+            f"| {record['method']} | {record['seed']} | {record['steps']['prune']} | {mean} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def budget_results(root: Path) -> dict[int, dict[str, list[dict[str, Any]]]]:
     """Every finished result under ``root/<steps>steps``: steps -> method -> records."""
     budgets: dict[int, dict[str, list[dict[str, Any]]]] = {}
@@ -528,6 +642,12 @@ def main() -> int:
         "--curve", action="store_true", help="only write the cross-budget curve (table, plot)"
     )
     parser.add_argument(
+        "--prune-only",
+        action="store_true",
+        help="stop each method before CPT: the pruned model's losses, landing and the units it "
+        "shares with the one-shot cut (RESULTS/prune_only/)",
+    )
+    parser.add_argument(
         "--downstream",
         type=int,
         metavar="ITEMS",
@@ -564,6 +684,25 @@ def main() -> int:
         tasks, source_down = prepare_downstream(out, source, args.downstream)
         ref_down.write_text(json.dumps(source_down, indent=2))
     started = time.perf_counter()
+    if args.prune_only:
+        folder = results / "prune_only"
+        folder.mkdir(exist_ok=True)
+        for seed in seeds:
+            for name in methods:
+                path = folder / f"{name}-s{seed}.json"
+                if path.exists() and not args.force:
+                    log(f"{name} (seed {seed}): done earlier, skipped")
+                    continue
+                log(f"{name} (seed {seed}): pruning stage only")
+                spec = cfg["methods"][name]
+                record = run_method(
+                    name, spec, seed, steps, out, cfg, source, data, reference, prune_only=True
+                )
+                path.write_text(json.dumps(record, indent=2))
+        table = prune_only_table(folder)
+        (folder / "table.md").write_text(table + "\n")
+        log("\n" + table)
+        return 0
     for seed in seeds:
         for name in methods:
             result_path = results / f"{name}-s{seed}.json"

@@ -149,3 +149,60 @@ def test_curve_aggregates_seeds_per_cell_and_leaves_missing_cells_empty(bench, s
     assert "**4.700** (1 TFLOPs; s17)" in oneshot
     assert (tmp_path / "curve.md").read_text().strip() == table
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_prune_only_table_shows_each_dimension_against_its_floors(bench, tmp_path):
+    units = {
+        dim: {"shared": 0.9, "shared_route": 0.8, "calibration": 0.85, "chance": 0.75}
+        for dim in ("layers", "heads", "kv_heads", "intermediate", "hidden")
+    }
+    record = {
+        "method": "learned_harden_p05",
+        "seed": 18,
+        "steps": {"prune": 26, "cpt": 486},
+        "before_cpt": {"code": 5.0, "books": 6.0},
+        "units_shared_with_oneshot": units,
+    }
+    (tmp_path / "learned_harden_p05-s18.json").write_text(json.dumps(record))
+    oneshot = {**record, "method": "oneshot", "seed": 17, "units_shared_with_oneshot": None}
+    (tmp_path / "oneshot-s17.json").write_text(json.dumps(oneshot))
+    lines = bench.prune_only_table(tmp_path).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 10
+    learned = next(line for line in lines if "learned_harden_p05" in line)
+    assert "| 18 | 26 | 5.500 |" in learned and learned.count("0.900 / 0.800 / 0.850 (0.750)") == 5
+    assert next(line for line in lines if "| oneshot |" in line).endswith("| - | - | - | - | - |")
+
+
+@pytest.mark.slow
+def test_units_shared_with_oneshot_reads_the_init_cut_as_unmoved(bench, smollm2_dir, tmp_path):
+    """A learned export that kept its importance init's units shares all of them with the cut."""
+    from composer_shear.data.prep import prepare_domains
+
+    data = tmp_path / "data"
+    prepare_domains(
+        REPO / "data" / "sample_corpus", data, str(smollm2_dir), 64, domains=["code", "books"],
+        verbose=False,
+    )  # fmt: skip
+    cfg = {
+        "max_seq_len": 64,
+        "calibration_tokens": 2048,
+        "target_shape": {"num_hidden_layers": 24, "hidden_size": 512, "intermediate_size": 1152},
+    }
+    seed = 18
+    pruned = tmp_path / "init_cut"
+    bench.oneshot_cut(
+        smollm2_dir, pruned, data, cfg, "activation", bench.gate_seed(seed), tmp_path / "cut.log"
+    )
+    units = bench.units_shared_with_oneshot(pruned, tmp_path / "run", smollm2_dir, data, cfg, seed)
+    assert set(units) == {"layers", "heads", "kv_heads", "intermediate", "hidden"}
+    for dim, row in units.items():
+        assert row["shared"] == 1.0, (dim, row)
+        # Against the route's cut (another calibration sample) the export fares exactly as
+        # its own init cut does.
+        assert row["shared_route"] == row["calibration"], (dim, row)
+        assert 0.0 < row["chance"] <= row["calibration"] <= 1.0, (dim, row)
+    assert units["hidden"]["chance"] == 512 / 576
+    # The intermediate cut is seed-dependent at 2,048 calibration tokens: 1.0 would mean the
+    # two cuts did not use different samples.
+    assert units["intermediate"]["calibration"] < 1.0
+    assert not (tmp_path / "run" / "models" / "oneshot_cut_init").exists()
