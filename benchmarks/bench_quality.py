@@ -226,9 +226,12 @@ def seed_overrides(seed: int, stage: str) -> list[str]:
 
 def oneshot_cut(
     source: Path, out_dir: Path, data: Path, cfg: dict[str, Any], importance: str, seed: int,
-    log_file: Path,
+    log_file: Path, units: Path | None = None,
 ) -> None:  # fmt: skip
-    """``composer-shear prune-oneshot`` of the source to the target shape, as a user runs it."""
+    """``composer-shear prune-oneshot`` of the source to the target shape, as a user runs it.
+
+    With ``units`` (a pruned model directory), the cut keeps exactly that model's units.
+    """
     shape = ",".join(f"{k}={v}" for k, v in cfg["target_shape"].items())
     cmd = [
         str(Path(sys.executable).parent / "composer-shear"), "prune-oneshot", str(source),
@@ -236,6 +239,8 @@ def oneshot_cut(
         "--calibration-tokens", str(cfg["calibration_tokens"]), "--method", importance,
         "--seed", str(seed), "--target-shape", shape,
     ]  # fmt: skip
+    if units is not None:
+        cmd += ["--units", str(units)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=subprocess_environment(), cwd=REPO
     )
@@ -335,8 +340,21 @@ def run_method(
         )
     else:
         importance = "random" if route == "scratch" else spec.get("importance", "activation")
-        log(f"  [{name}] one-shot ({importance}) cut")
-        oneshot_cut(source, pruned, data, cfg, importance, seed, run_dir / "logs" / "oneshot.log")
+        units = None
+        if "units_from" in spec:
+            # Another method's export of the same seed: its unit choice, cut from the source.
+            units = out / "runs" / f"{spec['units_from']}-s{seed}" / "models" / "pruned"
+            if not units.is_dir():
+                raise FileNotFoundError(
+                    f"{name} cuts the units of {spec['units_from']} (seed {seed}): run that "
+                    f"method at this budget first ({units} is missing)"
+                )
+        log(
+            f"  [{name}] one-shot ({'units of ' + spec['units_from'] if units else importance}) cut"
+        )
+        oneshot_cut(
+            source, pruned, data, cfg, importance, seed, run_dir / "logs" / "oneshot.log", units
+        )
     times["prune"] = time.perf_counter() - start
     check_hf_dir(pruned)
     before = None if route == "scratch" else evaluate(pruned, data, cfg)
@@ -393,7 +411,8 @@ def run_method(
     # Keep the record, drop the checkpoints (tens of MB each).
     shutil.rmtree(run_dir / "models" / "cpt", ignore_errors=True)
     n_source, n_target = flop_params(source), flop_params(pruned)
-    random_cut = route == "scratch" or spec.get("importance") == "random"
+    # A transplanted unit choice calibrates nothing here (its own pruning run is not counted).
+    random_cut = route == "scratch" or spec.get("importance") == "random" or "units_from" in spec
     calibration = 0 if random_cut else cfg["calibration_tokens"]
     prune_tokens, cpt_tokens = prune_steps * tokens_per_step, cpt_steps * tokens_per_step
     record = {

@@ -15,6 +15,7 @@ Command line::
 
     composer-shear prune-oneshot SOURCE OUT --data DATA_DIR --target-shape \
         num_hidden_layers=24,hidden_size=512,num_attention_heads=6,intermediate_size=1152
+    composer-shear prune-oneshot SOURCE OUT --units PRUNED_DIR   # another run's unit choice
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from composer_shear.importance import (
 )
 from composer_shear.masking import gate_specs
 from composer_shear.shape import TARGET_KEYS, ModelShape, ShapeError
-from composer_shear.surgery import PruningPlan, plan_from_masks, prune_model
+from composer_shear.surgery import (
+    PruningPlan,
+    keep_masks_from_kept_units,
+    kept_units_target,
+    plan_from_masks,
+    prune_model,
+)
 
 __all__ = [
     "METHODS",
@@ -52,6 +59,7 @@ __all__ = [
     "parse_target_shape",
     "prune_oneshot",
     "register_cli",
+    "units_plan",
 ]
 
 METHODS = ("activation", "random")
@@ -82,6 +90,29 @@ def oneshot_plan(
     target = source.resolve_target(dict(target_shape))
     keep = keep_masks_from_scores(unit_scores(importance, source), source, target)
     return plan_from_masks(source, target, keep)
+
+
+def units_plan(model: nn.Module, record: Mapping[str, Any]) -> PruningPlan:
+    """The plan that keeps exactly the units of a kept-units record (another run's choice).
+
+    Args:
+        model: The source model to cut (same shape as the record's source).
+        record: A ``composer_shear_kept_units.json`` record
+            (:func:`composer_shear.export.read_kept_units`).
+
+    Raises:
+        ShapeError: The record comes from a source of another shape, or is inconsistent.
+    """
+    source = get_family(model).shape(model.config)
+    if record["source_shape"] != source.config_updates():
+        raise ShapeError(
+            f"the kept units come from a source of shape {record['source_shape']}, not this "
+            f"model's {source.config_updates()}"
+        )
+    target = source.resolve_target(kept_units_target(record["kept"]))
+    return plan_from_masks(
+        source, target, keep_masks_from_kept_units(record["kept"], source, target)
+    )
 
 
 def prune_oneshot(
@@ -203,22 +234,37 @@ def _run_cli(args: argparse.Namespace) -> int:
         ExportError,
         check_out_dir,
         kept_units_record,
+        read_kept_units,
         write_hf_directory,
     )
 
     start = time.perf_counter()
+    method = "units" if args.units else args.method
     try:
-        target_shape = parse_target_shape(args.target_shape)
+        if args.target_shape is None and not args.units:
+            raise ValueError("--target-shape is required (unless --units gives the units)")
+        target_shape = None if args.target_shape is None else parse_target_shape(args.target_shape)
         check_out_dir(Path(args.out_dir), args.overwrite)
-        if args.method == "activation" and args.data is None:
+        if method == "activation" and args.data is None:
             raise ValueError("--data is required for --method activation")
+        record = read_kept_units(args.units) if args.units else None
         print(f"loading {args.source}", flush=True)
         model = AutoModelForCausalLM.from_pretrained(args.source, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(args.source)
         source = get_family(model).shape(model.config)
-        target = source.resolve_target(target_shape)
+        if record is not None:
+            model.eval()
+            plan = units_plan(model, record)
+            target = plan.target
+            if target_shape is not None and source.resolve_target(target_shape) != target:
+                raise ShapeError(
+                    f"--target-shape {target_shape} differs from the shape of the --units "
+                    f"record ({target.describe()})"
+                )
+        else:
+            target = source.resolve_target(target_shape)
         batches = None
-        if args.method == "activation":
+        if method == "activation":
             batches = calibration_batches(
                 args.data,
                 args.calibration_tokens,
@@ -229,13 +275,14 @@ def _run_cli(args: argparse.Namespace) -> int:
             )
             n_tokens = sum(b.numel() for b in batches)
             print(f"calibrating on {len(batches)} batches ({n_tokens:,} tokens)", flush=True)
-        # prune_oneshot's steps, kept apart here so the export records the plan's units.
-        model.eval()
-        importance = _importance(model, batches, args.method, args.seed)
-        plan = oneshot_plan(model, target_shape, importance)
+        if record is None:
+            # prune_oneshot's steps, kept apart here so the export records the plan's units.
+            model.eval()
+            importance = _importance(model, batches, method, args.seed)
+            plan = oneshot_plan(model, target_shape, importance)
         compact = prune_model(model, plan=plan)
         info = {
-            "method": f"oneshot-{args.method}",
+            "method": f"oneshot-{method}",
             "source_shape": source.config_updates(),
             "source_num_params": source.num_params(),
             "target_shape": target.config_updates(),
@@ -243,6 +290,8 @@ def _run_cli(args: argparse.Namespace) -> int:
             "calibration_tokens": 0 if batches is None else sum(b.numel() for b in batches),
             "seed": args.seed,
         }
+        if record is not None:
+            info["units_from"] = str(args.units)
         write_hf_directory(
             compact,
             args.out_dir,
@@ -268,17 +317,18 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Keep the most important layers, kv groups, query heads, MLP units and hidden "
             "channels of a Hugging Face model for a target shape, scored on calibration batches "
-            "of a multi-domain MDS folder, and write the compact model as a HF directory "
-            "(same surgery as the learned route)."
+            "of a multi-domain MDS folder (or exactly the units another pruned model kept, "
+            "--units), and write the compact model as a HF directory (same surgery as the "
+            "learned route)."
         ),
     )
     parser.add_argument("source", help="Hugging Face model directory")
     parser.add_argument("out_dir", help="output directory (must be empty or absent)")
     parser.add_argument(
         "--target-shape",
-        required=True,
         help="e.g. num_hidden_layers=24,hidden_size=512,num_attention_heads=6,"
-        "num_key_value_heads=2,intermediate_size=1152 (or a JSON object)",
+        "num_key_value_heads=2,intermediate_size=1152 (or a JSON object); required unless "
+        "--units is given",
     )
     parser.add_argument("--data", help="DATA/<domain>/train MDS folders (composer-shear tokenize)")
     parser.add_argument("--domains", nargs="+", help="domains to calibrate on (default: all)")
@@ -286,6 +336,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--method", choices=METHODS, default="activation")
+    parser.add_argument(
+        "--units",
+        metavar="PRUNED_DIR",
+        help="keep exactly the units another pruned model of this source kept (its "
+        "composer_shear_kept_units.json, from `export` or `prune-oneshot`) instead of scoring "
+        "them: e.g. a learned route's choice cut from the unpruned weights; no --data needed",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.set_defaults(func=_run_cli)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from composer_shear.export import kept_units_record
 from composer_shear.families import get_family
-from composer_shear.importance import collect_importance
-from composer_shear.oneshot import oneshot_plan, parse_target_shape, prune_oneshot
+from composer_shear.importance import collect_importance, random_importance
+from composer_shear.oneshot import oneshot_plan, parse_target_shape, prune_oneshot, units_plan
 from composer_shear.shape import ModelShape, ShapeError
+from composer_shear.surgery import prune_model
 from tests.pruning_helpers import REPO, VENV_BIN
 from tests.tiny_models import FAMILIES, prunable_dims, tiny_model
 
@@ -150,6 +153,62 @@ def test_oneshot_export_loads_at_target(family, tied, tmp_path):
         assert torch.allclose(compact(ids).logits, loaded.eval()(ids).logits, atol=1e-5)
 
 
+def every_dim_target(family: str, shape: ModelShape) -> dict[str, int]:
+    """A target that shrinks every dimension the family can prune, query heads in groups too."""
+    kv = max(1, shape.num_key_value_heads // 2)
+    if shape.is_mha:
+        heads = kv
+    elif shape.num_key_value_heads == 1:
+        heads = shape.num_attention_heads // 2
+    else:
+        heads = kv * max(1, shape.heads_per_group // 2)
+    target = {
+        "num_hidden_layers": shape.num_hidden_layers - 1,
+        "intermediate_size": shape.intermediate_size // 2,
+        "hidden_size": shape.hidden_size - 16,
+        "num_key_value_heads": kv,
+        "num_attention_heads": heads,
+    }
+    return {k: v for k, v in target.items() if k in prunable_dims(family)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_units_plan_keeps_exactly_the_recorded_units(family):
+    model = tiny_model(family)
+    shape = shape_of(model)
+    # A random choice: nothing about it is "the first units", so every index must come from
+    # the record.
+    plan = oneshot_plan(model, every_dim_target(family, shape), random_importance(shape, 5))
+    record = kept_units_record(plan, shape)
+    again = units_plan(model, record)
+    assert again.kept_units() == plan.kept_units() and again.target == plan.target
+    a, b = prune_model(model, plan=plan), prune_model(model, plan=again)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_units_plan_rejects_another_source_and_bad_records():
+    model = tiny_model("llama_gqa")
+    shape = shape_of(model)
+    record = kept_units_record(
+        oneshot_plan(model, {"intermediate_size": 64}, random_importance(shape, 1)), shape
+    )
+    with pytest.raises(ShapeError, match="source of shape"):
+        units_plan(tiny_model("llama_gqa", intermediate_size=160), record)
+    repeated = json.loads(json.dumps(record))
+    repeated["kept"]["intermediate"][0][1] = repeated["kept"]["intermediate"][0][0]
+    with pytest.raises(ShapeError, match="repeats a unit"):
+        units_plan(model, repeated)
+    outside = json.loads(json.dumps(record))
+    outside["kept"]["intermediate"][0][-1] = shape.intermediate_size
+    with pytest.raises(ShapeError, match="outside"):
+        units_plan(model, outside)
+    ragged = json.loads(json.dumps(record))
+    ragged["kept"]["intermediate"][1] = ragged["kept"]["intermediate"][1][:-1]
+    with pytest.raises(ShapeError, match="same length"):
+        units_plan(model, ragged)
+
+
 def test_random_method_differs_by_seed_and_needs_no_data():
     model = tiny_model("llama_gqa")
     a = prune_oneshot(model, {"intermediate_size": 48}, method="random", seed=0)
@@ -205,6 +264,26 @@ def test_cli_prunes_smollm2_at_target(smollm2_dir, tmp_path):
     assert set(kept["layers"]) <= set(range(30)) and len(kept["hidden"]) == 512
     assert all(len(row) == 1152 and row == sorted(set(row)) for row in kept["intermediate"])
     assert all(len(row) == 6 for row in kept["heads"])
+    # Another run's units, cut from the unpruned weights: the same model, no calibration.
+    again = tmp_path / "again"
+    units = subprocess.run(
+        [*cmd[:3], str(again), "--units", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )  # fmt: skip
+    assert units.returncode == 0, units.stderr[-3000:]
+    assert read_kept_units(again)["kept"] == kept
+    reloaded = AutoModelForCausalLM.from_pretrained(again)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), reloaded.state_dict().values(), strict=True)
+    )
+    mismatch = subprocess.run(
+        [*cmd[:3], str(tmp_path / "mismatch"), "--units", str(out), "--target-shape",
+         "hidden_size=448"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )  # fmt: skip
+    assert mismatch.returncode == 1 and "differs from the shape" in mismatch.stderr
+    assert not (tmp_path / "mismatch").exists()
     # Bad input: a clear error, nothing written.
     bad = subprocess.run(
         [*cmd[:3], str(tmp_path / "bad"), *cmd[4:-2], "--target-shape", "hidden_size=4096"],
