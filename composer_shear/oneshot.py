@@ -110,9 +110,26 @@ def units_plan(model: nn.Module, record: Mapping[str, Any]) -> PruningPlan:
             f"model's {source.config_updates()}"
         )
     target = source.resolve_target(kept_units_target(record["kept"]))
-    return plan_from_masks(
+    plan = plan_from_masks(
         source, target, keep_masks_from_kept_units(record["kept"], source, target)
     )
+    # A record can be well-formed row by row and still not be one model's choice (a query
+    # head in a dropped kv group, a layer listed twice): slicing would then keep other units.
+    if _by_layer(plan.kept_units()) != _by_layer(record["kept"]):
+        raise ShapeError(
+            "the kept units are not one model's choice (e.g. a query head outside its layer's "
+            "kept kv groups, or a repeated layer): the cut would keep other units"
+        )
+    return plan
+
+
+def _by_layer(kept: Mapping[str, Any]) -> dict[str, Any]:
+    """A kept-units record, order-free: kept layers and hidden channels, per-layer unit sets."""
+    per_layer = {
+        dim: {layer: sorted(row) for layer, row in zip(kept["layers"], kept[dim], strict=True)}
+        for dim in ("heads", "kv_heads", "intermediate")
+    }
+    return {"layers": sorted(kept["layers"]), "hidden": sorted(kept["hidden"]), **per_layer}
 
 
 def prune_oneshot(

@@ -195,17 +195,18 @@ def keep_masks_from_kept_units(
     Raises:
         ShapeError: An index outside the source or repeated in a row.
     """
+    _set_unique(torch.zeros(source.num_hidden_layers, dtype=torch.bool), kept["layers"], "layers")
     n_rep = source.heads_per_group
     per_layer_rows = {
-        "kv_heads": [[(i,) for i in row] for row in kept["kv_heads"]],
+        "kv_heads": kept["kv_heads"],
         "heads": [[divmod(i, n_rep) for i in row] for row in kept["heads"]],
-        "intermediate": [[(i,) for i in row] for row in kept["intermediate"]],
+        "intermediate": kept["intermediate"],
     }
     masks = {}
     for name, (shape, count) in gate_specs(source, target).items():
         mask = torch.zeros(shape, dtype=torch.bool)
         if name in ("layers", "hidden"):
-            _set_unique(mask, [(i,) for i in kept[name]], name)
+            _set_unique(mask, kept[name], name)
         else:
             mask[..., :count] = True  # dropped layers: any valid row (sliced away)
             for layer, row in zip(kept["layers"], per_layer_rows[name], strict=True):
@@ -215,7 +216,9 @@ def keep_masks_from_kept_units(
     return masks
 
 
-def _set_unique(mask: torch.Tensor, indices: Sequence[tuple[int, ...]], what: str) -> None:
+def _set_unique(mask: torch.Tensor, indices: Sequence[Any], what: str) -> None:
+    """Sets ``mask`` at every index (an int or a tuple); refuses repeats and out-of-range."""
+    indices = [index if isinstance(index, tuple) else (index,) for index in indices]
     if len(set(indices)) != len(indices):
         raise ShapeError(f"kept units: {what} repeats a unit")
     for index in indices:

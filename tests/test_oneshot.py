@@ -203,6 +203,20 @@ def test_units_plan_rejects_another_source_and_bad_records():
     outside["kept"]["intermediate"][0][-1] = shape.intermediate_size
     with pytest.raises(ShapeError, match="outside"):
         units_plan(model, outside)
+    stray = kept_units_record(
+        oneshot_plan(model, {"num_key_value_heads": 1}, random_importance(shape, 1)), shape
+    )
+    n_rep = shape.heads_per_group
+    dropped = next(
+        g for g in range(shape.num_key_value_heads) if g not in stray["kept"]["kv_heads"][0]
+    )
+    stray["kept"]["heads"][0][0] = dropped * n_rep  # a query head of a dropped kv group
+    with pytest.raises(ShapeError, match="not one model's choice"):
+        units_plan(model, stray)
+    layer_out = json.loads(json.dumps(record))
+    layer_out["kept"]["layers"][-1] = shape.num_hidden_layers
+    with pytest.raises(ShapeError, match="outside"):
+        units_plan(model, layer_out)
     ragged = json.loads(json.dumps(record))
     ragged["kept"]["intermediate"][1] = ragged["kept"]["intermediate"][1][:-1]
     with pytest.raises(ShapeError, match="same length"):
