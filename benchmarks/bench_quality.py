@@ -340,20 +340,19 @@ def run_method(
         )
     else:
         importance = "random" if route == "scratch" else spec.get("importance", "activation")
-        units = None
+        units_dir = None
         if "units_from" in spec:
             # Another method's export of the same seed: its unit choice, cut from the source.
-            units = out / "runs" / f"{spec['units_from']}-s{seed}" / "models" / "pruned"
-            if not units.is_dir():
+            units_dir = out / "runs" / f"{spec['units_from']}-s{seed}" / "models" / "pruned"
+            if not units_dir.is_dir():
                 raise FileNotFoundError(
                     f"{name} cuts the units of {spec['units_from']} (seed {seed}): run that "
-                    f"method at this budget first ({units} is missing)"
+                    f"method at this budget first ({units_dir} is missing)"
                 )
-        log(
-            f"  [{name}] one-shot ({'units of ' + spec['units_from'] if units else importance}) cut"
-        )
+        choice = f"units of {spec['units_from']}" if units_dir else importance
+        log(f"  [{name}] one-shot ({choice}) cut")
         oneshot_cut(
-            source, pruned, data, cfg, importance, seed, run_dir / "logs" / "oneshot.log", units
+            source, pruned, data, cfg, importance, seed, run_dir / "logs" / "oneshot.log", units_dir
         )
     times["prune"] = time.perf_counter() - start
     check_hf_dir(pruned)
