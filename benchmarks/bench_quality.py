@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -535,6 +536,19 @@ def write_outputs(
     return table
 
 
+def pending_cells(
+    folder: Path, seeds: list[int], methods: list[str], force: bool
+) -> Iterator[tuple[int, str, Path]]:
+    """(seed, method, result path) of every cell still to run; finished ones are skipped."""
+    for seed in seeds:
+        for name in methods:
+            path = folder / f"{name}-s{seed}.json"
+            if path.exists() and not force:
+                log(f"{name} (seed {seed}): done earlier, skipped")
+                continue
+            yield seed, name, path
+
+
 def prune_only_table(folder: Path) -> str:
     """Markdown table of the ``--prune-only`` records in ``folder``, one row per run."""
     dims = ["layers", "heads", "kv_heads", "intermediate", "hidden"]
@@ -705,38 +719,28 @@ def main() -> int:
     if args.prune_only:
         folder = results / "prune_only"
         folder.mkdir(exist_ok=True)
-        for seed in seeds:
-            for name in methods:
-                path = folder / f"{name}-s{seed}.json"
-                if path.exists() and not args.force:
-                    log(f"{name} (seed {seed}): done earlier, skipped")
-                    continue
-                log(f"{name} (seed {seed}): pruning stage only")
-                spec = cfg["methods"][name]
-                record = run_method(
-                    name, spec, seed, steps, out, cfg, source, data, reference, prune_only=True
-                )
-                path.write_text(json.dumps(record, indent=2))
+        for seed, name, path in pending_cells(folder, seeds, methods, args.force):
+            log(f"{name} (seed {seed}): pruning stage only")
+            spec = cfg["methods"][name]
+            record = run_method(
+                name, spec, seed, steps, out, cfg, source, data, reference, prune_only=True
+            )
+            path.write_text(json.dumps(record, indent=2))
         table = prune_only_table(folder)
         (folder / "table.md").write_text(table + "\n")
         log("\n" + table)
         return 0
-    for seed in seeds:
-        for name in methods:
-            result_path = results / f"{name}-s{seed}.json"
-            if result_path.exists() and not args.force:
-                log(f"{name} (seed {seed}): done earlier, skipped")
-                continue
-            log(f"{name} (seed {seed}): {cfg['methods'][name].get('label', name)}")
-            record = run_method(
-                name, cfg["methods"][name], seed, steps, out, cfg, source, data, reference, tasks
-            )
-            result_path.write_text(json.dumps(record, indent=2))
-            mean = statistics.fmean(record["after_cpt"].values())
-            log(f"  [{name}] mean eval loss after CPT {mean:.3f} "
-                f"({sum(record['seconds'].values()) / 60:.1f} min)")  # fmt: skip
-            write_outputs(results, cfg, reference, source_down)
-            write_curve(RESULTS_ROOT, cfg)
+    for seed, name, result_path in pending_cells(results, seeds, methods, args.force):
+        log(f"{name} (seed {seed}): {cfg['methods'][name].get('label', name)}")
+        record = run_method(
+            name, cfg["methods"][name], seed, steps, out, cfg, source, data, reference, tasks
+        )
+        result_path.write_text(json.dumps(record, indent=2))
+        mean = statistics.fmean(record["after_cpt"].values())
+        log(f"  [{name}] mean eval loss after CPT {mean:.3f} "
+            f"({sum(record['seconds'].values()) / 60:.1f} min)")  # fmt: skip
+        write_outputs(results, cfg, reference, source_down)
+        write_curve(RESULTS_ROOT, cfg)
     log("\n" + write_outputs(results, cfg, reference, source_down))
     log(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min; table {results / 'table.md'}, "
         f"plot {results / 'quality.png'}")  # fmt: skip
