@@ -20,9 +20,9 @@ import torch
 from peak_rss import PeakRSS
 from transformers import AutoModelForCausalLM
 
-from composer_shear.export import export_model
-from composer_shear.masking import attach_gates
-from composer_shear.real_model import materialize_smollm2
+from composer_shear.export.checkpoint import export_model
+from composer_shear.pruning.masking import attach_gates
+from composer_shear.weights.smollm2 import materialize_smollm2
 
 TARGET = dict(
     num_hidden_layers=24,

@@ -27,16 +27,20 @@ import torch
 from peak_rss import PeakRSS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from composer_shear.distillation import add_distillation_loss, forward_kl, predicted_positions
-from composer_shear.masking import attach_gates
-from composer_shear.pruning import add_gate_param_groups
-from composer_shear.real_model import materialize_smollm2
-from composer_shear.teacher import (
+from composer_shear.distillation.algorithm import (
+    add_distillation_loss,
+    forward_kl,
+    predicted_positions,
+)
+from composer_shear.distillation.teacher import (
     build_teacher_skeleton,
     place_teacher,
     source_weights,
     teacher_forward,
 )
+from composer_shear.pruning.algorithm import add_gate_param_groups
+from composer_shear.pruning.masking import attach_gates
+from composer_shear.weights.smollm2 import materialize_smollm2
 
 # The demo's SmolLM2 target (yamls/smollm2/prune.yaml): every kind of gate is active.
 TARGET = dict(

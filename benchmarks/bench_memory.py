@@ -34,7 +34,7 @@ from bench_quality import SETTINGS, prepare
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from composer_shear.masking import attach_gates
+from composer_shear.pruning.masking import attach_gates
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from composer_shear.masking import attach_gates
-from composer_shear.real_model import materialize_smollm2
+from composer_shear.pruning.masking import attach_gates
+from composer_shear.weights.smollm2 import materialize_smollm2
 
 # The SmolLM2 target: every kind of gate is active.
 TARGET = dict(
@@ -43,7 +43,7 @@ def make_step(model, gates=None):
     params = [p for n, p in model.named_parameters() if "shear_gates" not in n]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
     if gates is not None:
-        from composer_shear.pruning import add_gate_param_groups
+        from composer_shear.pruning.algorithm import add_gate_param_groups
 
         optimizer.param_groups[0]["initial_lr"] = 1e-5
         add_gate_param_groups(optimizer, gates, gate_lr=1.0, lambda_lr=1.0)

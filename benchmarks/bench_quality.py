@@ -58,10 +58,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from composer_shear.demo import (  # noqa: E402
-    CPT_YAML,
-    DEFAULT_CORPUS,
-    PRUNE_YAML,
+from composer_shear.demo import CPT_YAML, DEFAULT_CORPUS, PRUNE_YAML  # noqa: E402
+from composer_shear.export.units import compare_kept_units, read_kept_units  # noqa: E402
+from composer_shear.launch import (  # noqa: E402
     check_hf_dir,
     list_override,
     llmfoundry_train,
@@ -84,8 +83,8 @@ def log(message: str) -> None:
 def prepare(out: Path, cfg: dict[str, Any]) -> tuple[Path, Path, dict[str, float]]:
     """SmolLM2, the tokenized corpus and the source model's losses (cached in ``out``)."""
     from composer_shear.data.prep import prepare_domains
-    from composer_shear.real_model import materialize_smollm2
-    from composer_shear.reference_loss import evaluate_domain_losses
+    from composer_shear.data.reference_loss import evaluate_domain_losses
+    from composer_shear.weights.smollm2 import materialize_smollm2
 
     source = materialize_smollm2(verbose=True)
     data = out / "data"
@@ -106,7 +105,7 @@ def prepare(out: Path, cfg: dict[str, Any]) -> tuple[Path, Path, dict[str, float
 
 
 def evaluate(model_dir: Path, data: Path, cfg: dict[str, Any]) -> dict[str, float]:
-    from composer_shear.reference_loss import evaluate_domain_losses
+    from composer_shear.data.reference_loss import evaluate_domain_losses
 
     return evaluate_domain_losses(
         model_dir, data, cfg["domains"], cfg["max_seq_len"], 8, cfg["eval_samples"]
@@ -266,8 +265,6 @@ def units_shared_with_oneshot(
         against ``route``), ``calibration`` (``init`` against ``route``: what the calibration
         sample alone moves) and ``chance`` (what two random cuts share on average).
     """
-    from composer_shear.export import compare_kept_units, read_kept_units
-
     cuts = {}
     for name, cut_seed in (("init", gate_seed(seed)), ("route", seed)):
         cut = run_dir / "models" / f"oneshot_cut_{name}"

@@ -36,10 +36,10 @@ import torch.distributed as torch_dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from composer_shear.distillation import forward_kl, predicted_positions
-from composer_shear.export import MODEL_PREFIX, export_model, gated_model_from_weights
-from composer_shear.masking import attach_gates
-from composer_shear.pruning import add_gate_param_groups
+from composer_shear.distillation.algorithm import forward_kl, predicted_positions
+from composer_shear.export.checkpoint import MODEL_PREFIX, export_model, gated_model_from_weights
+from composer_shear.pruning.algorithm import add_gate_param_groups
+from composer_shear.pruning.masking import attach_gates
 from composer_shear.sharding import full_state_dict
 
 # The SmolLM2 demo target: every kind of gate is active.
@@ -185,7 +185,7 @@ def main() -> None:
         model_dir = save_tiny_checkpoint(tiny_model("llama_gqa"), root / "tokenizer", root / "m")
         target = SMOKE_TARGET
     else:
-        from composer_shear.real_model import materialize_smollm2
+        from composer_shear.weights.smollm2 import materialize_smollm2
 
         model_dir = Path(args.model) if args.model else materialize_smollm2(verbose=False)
         target = TARGET

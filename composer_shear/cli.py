@@ -12,10 +12,14 @@ from composer_shear import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    from composer_shear import demo, export, oneshot, real_model, reference_loss
-    from composer_shear.data import prep
+    # Imported here, not at the top: each pulls in torch / transformers / Composer, and
+    # `composer-shear --help` should not pay for them before the parser exists.
+    from composer_shear import demo, weights
+    from composer_shear.data import prep, reference_loss
     from composer_shear.downstream import data as downstream_data
     from composer_shear.downstream import evaluate as downstream_evaluate
+    from composer_shear.export import checkpoint as export
+    from composer_shear.export import oneshot
     from composer_shear.report import cli as report_cli
 
     parser = argparse.ArgumentParser(
@@ -28,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"composer_shear {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    real_model.register_cli(subparsers)
+    weights.register_cli(subparsers)
     prep.register_cli(subparsers)
     reference_loss.register_cli(subparsers)
     export.register_cli(subparsers)

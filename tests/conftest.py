@@ -28,7 +28,7 @@ def tiny_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct as a Hugging Face checkpoint (built once, then cached)."""
-    from composer_shear.real_model import materialize_smollm2
+    from composer_shear.weights.smollm2 import materialize_smollm2
 
     return materialize_smollm2()
 
@@ -36,7 +36,7 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def gemma3_270m_dir():
     """The real Gemma-3-270M (base) as a Hugging Face checkpoint (built once, then cached)."""
-    from composer_shear.real_gemma3 import materialize_gemma3_270m
+    from composer_shear.weights.gemma3 import materialize_gemma3_270m
 
     return materialize_gemma3_270m()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from composer_shear.masking import ShearGates, find_gates
+from composer_shear.pruning.masking import ShearGates, find_gates
 from tests.mds_helpers import write_domain_shards
 from tests.tiny_models import save_tiny_checkpoint, tiny_model
 

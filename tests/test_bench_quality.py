@@ -17,7 +17,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from composer_shear.pruning import TargetedPruning
+from composer_shear.pruning.algorithm import TargetedPruning
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,21 +13,21 @@ from composer import Callback
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from composer_shear.distillation import (
+from composer_shear.distillation.algorithm import (
     KnowledgeDistillation,
     add_distillation_loss,
     forward_kl,
     predicted_positions,
 )
-from composer_shear.masking import ShearGates, attach_gates, find_gates
-from composer_shear.report import read_metrics
-from composer_shear.teacher import (
+from composer_shear.distillation.teacher import (
     build_teacher_skeleton,
     load_teacher_weights,
     place_teacher,
     source_weights,
     teacher_forward,
 )
+from composer_shear.pruning.masking import ShearGates, attach_gates, find_gates
+from composer_shear.report import read_metrics
 from tests.pruning_helpers import (
     PRUNE_YAML,
     REPO,
@@ -66,7 +66,7 @@ def reference_kl(student, teacher, mask, temperature, top_k=None):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("top_k", [None, 5])
 def test_forward_kl_value_and_gradient_match_autograd(temperature, top_k, monkeypatch):
-    import composer_shear.distillation as kd_module
+    import composer_shear.distillation.algorithm as kd_module
 
     # Small chunks: several chunks per call, so the chunk loop is exercised.
     monkeypatch.setattr(kd_module, "CHUNK_ELEMENTS", 64)
@@ -567,9 +567,9 @@ import torch
 from composer import Callback
 from composer.utils import dist
 from llmfoundry.registry import callbacks
-from composer_shear.distillation import KnowledgeDistillation
-from composer_shear.masking import find_gates
-from composer_shear.teacher import teacher_forward
+from composer_shear.distillation.algorithm import KnowledgeDistillation
+from composer_shear.pruning.masking import find_gates
+from composer_shear.distillation.teacher import teacher_forward
 
 
 class KDRecorder(Callback):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from composer.core import Event
 
-from composer_shear.callbacks import DynamicBatchLoading, doremi_update, find_domain_dataset
+from composer_shear.callbacks import DynamicBatchLoading, doremi_update
+from composer_shear.data.mixer import find_multi_domain_dataset
 
 DOMAINS = ["code", "prose", "math"]
 
@@ -214,8 +215,8 @@ def test_constructor_errors():
 def test_find_domain_dataset_unwraps():
     dataset = FakeMixture()
     spec = SimpleNamespace(dataloader=SimpleNamespace(dataset=dataset))
-    assert find_domain_dataset(spec) is dataset
-    assert find_domain_dataset(SimpleNamespace(dataset=[1, 2])) is None
+    assert find_multi_domain_dataset(spec) is dataset
+    assert find_multi_domain_dataset(SimpleNamespace(dataset=[1, 2])) is None
 
 
 def test_state_dict_round_trip_and_resume():
@@ -400,7 +401,7 @@ def test_llmfoundry_train_from_yaml(foundry_inputs, tmp_path):
     data, model_dir = foundry_inputs
     trainer = train_from_yaml(str(TINY_YAML), overrides(data, model_dir))
     callback = next(c for c in trainer.state.callbacks if isinstance(c, DynamicBatchLoading))
-    dataset = find_domain_dataset(trainer.state.train_dataloader)
+    dataset = find_multi_domain_dataset(trainer.state.train_dataloader)
     assert dataset.domains == ["code", "books", "docs"]
     history = callback.history
     # eval_interval 2ba over 6ba: updates after batches 2, 4 and 6.
@@ -440,7 +441,7 @@ def test_llmfoundry_resume_continues_exactly(foundry_inputs, tmp_path, caplog):
     assert callback.history[:2] == history[:2]
     np.testing.assert_allclose(callback.history[2]["weights"], history[2]["weights"], rtol=1e-6)
     np.testing.assert_allclose(callback.history[2]["eval_loss"], history[2]["eval_loss"], rtol=1e-5)
-    dataset = find_domain_dataset(resumed.state.train_dataloader)
+    dataset = find_multi_domain_dataset(resumed.state.train_dataloader)
     np.testing.assert_allclose(dataset.weights, history[2]["weights"], rtol=1e-6)
     resumed.close()
 
@@ -452,7 +453,8 @@ from composer import Callback
 from composer.utils import dist
 from llmfoundry import registry
 from llmfoundry.command_utils import train_from_yaml
-from composer_shear.callbacks import DynamicBatchLoading, find_domain_dataset
+from composer_shear.callbacks import DynamicBatchLoading
+from composer_shear.data.mixer import find_multi_domain_dataset
 
 yaml_path, out_dir, ckpt_dir, *args = sys.argv[1:]
 batches = []
@@ -468,7 +470,7 @@ registry.callbacks.register("record_batches", func=RecordBatches)
 save = [f"save_folder={ckpt_dir}", "save_interval=2ba", "save_overwrite=true"]
 trainer = train_from_yaml(yaml_path, [*args, *save, "callbacks.record_batches={}"])
 callback = next(c for c in trainer.state.callbacks if isinstance(c, DynamicBatchLoading))
-dataset = find_domain_dataset(trainer.state.train_dataloader)
+dataset = find_multi_domain_dataset(trainer.state.train_dataloader)
 result = {
     "world_size": dist.get_world_size(),
     "history": callback.history,
@@ -486,7 +488,7 @@ resumed = train_from_yaml(yaml_path, [*args, *load])
 callback = next(c for c in resumed.state.callbacks if isinstance(c, DynamicBatchLoading))
 result["resumed_batches"] = list(batches)
 result["resumed_history"] = callback.history
-resumed_dataset = find_domain_dataset(resumed.state.train_dataloader)
+resumed_dataset = find_multi_domain_dataset(resumed.state.train_dataloader)
 result["resumed_counts"] = resumed_dataset.domain_counts.tolist()
 resumed.close()
 

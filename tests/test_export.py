@@ -9,14 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from composer_shear.export import (
-    ExportError,
-    compare_kept_units,
-    export_checkpoint,
-    load_composer_checkpoint,
-    read_kept_units,
-)
-from composer_shear.surgery import plan_pruning
+from composer_shear.export.checkpoint import export_checkpoint, load_composer_checkpoint
+from composer_shear.export.surgery import plan_pruning
+from composer_shear.export.units import KeptUnitsError, compare_kept_units, read_kept_units
+from composer_shear.export.writer import ExportError
 from tests.pruning_helpers import (
     FAMILY_TARGETS,
     REPO,
@@ -161,7 +157,7 @@ def test_compare_kept_units_counts_and_chance():
     assert result["intermediate"]["chance"] == pytest.approx(0.5)
     assert result["heads"]["both"] == 2 and result["kv_heads"]["shared"] == 0.5
     assert result["hidden"]["shared"] == 0.5 and result["hidden"]["chance"] == 0.5
-    with pytest.raises(ExportError, match="different source shapes"):
+    with pytest.raises(KeptUnitsError, match="different source shapes"):
         compare_kept_units(a, {**b, "source_shape": {**shape, "hidden_size": 32}})
 
 

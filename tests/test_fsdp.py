@@ -72,7 +72,7 @@ from composer import Callback
 from composer.utils import dist
 from llmfoundry.registry import callbacks
 
-from composer_shear.masking import ShearGates, find_gates
+from composer_shear.pruning.masking import ShearGates, find_gates
 from composer_shear.sharding import full_state_dict
 from tests.pruning_helpers import run_prune
 
@@ -390,7 +390,7 @@ def test_reentrant_activation_checkpointing_is_refused_at_init(reentrant):
     from composer.core import Event
     from composer.utils import FSDPConfig
 
-    from composer_shear.pruning import TargetedPruning
+    from composer_shear.pruning.algorithm import TargetedPruning
 
     fsdp = FSDPConfig(activation_checkpointing=True, activation_checkpointing_reentrant=reentrant)
     composer_model = torch.nn.Module()  # stands in for Composer's HuggingFaceModel

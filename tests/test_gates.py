@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from composer_shear.gates import (
+from composer_shear.pruning.gates import (
     LIMIT_LEFT,
     LIMIT_RIGHT,
     LOG_ALPHA_MAX,
@@ -14,7 +14,7 @@ from composer_shear.gates import (
     TEMPERATURE,
     HardConcreteGate,
 )
-from composer_shear.masking import attach_gates
+from composer_shear.pruning.masking import attach_gates
 from tests.tiny_models import tiny_model
 
 

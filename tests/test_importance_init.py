@@ -8,9 +8,10 @@ from composer import Callback
 from llmfoundry.registry import callbacks
 from transformers import AutoModelForCausalLM
 
-from composer_shear.importance import collect_importance, unit_scores
-from composer_shear.masking import find_gates
-from composer_shear.oneshot import calibration_batches, keep_masks_from_scores
+from composer_shear.data.calibration import calibration_batches
+from composer_shear.export.oneshot import keep_masks_from_scores
+from composer_shear.pruning.importance import collect_importance, unit_scores
+from composer_shear.pruning.masking import find_gates
 from tests.pruning_helpers import (
     FAMILY_TARGETS,
     gate_state,

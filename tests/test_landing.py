@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from composer_shear.gates import NOT_HARDENED, HardConcreteGate
+from composer_shear.export.surgery import prune_model
+from composer_shear.pruning.gates import NOT_HARDENED, HardConcreteGate
 from composer_shear.report.metrics import read_metrics
-from composer_shear.surgery import prune_model
 from tests.pruning_helpers import composer_launch, gate_state, gates_of, make_tiny_run_inputs
 from tests.pruning_helpers import run_prune as _run_prune
 
@@ -153,7 +153,7 @@ import json, sys
 from composer import Callback
 from composer.utils import dist
 from llmfoundry.registry import callbacks
-from composer_shear.masking import find_gates
+from composer_shear.pruning.masking import find_gates
 
 
 class GateRecorder(Callback):

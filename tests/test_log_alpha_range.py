@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composer_shear.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate, top_k_mask
-from composer_shear.masking import attach_gates
-from composer_shear.pruning import TargetedPruning
+from composer_shear.pruning.algorithm import TargetedPruning
+from composer_shear.pruning.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate, top_k_mask
+from composer_shear.pruning.masking import attach_gates
 from tests.tiny_models import tiny_model
 
 WIDE = (-10.0, 10.0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composer_shear.gates import HardConcreteGate
-from composer_shear.mask_ops import mask_input
-from composer_shear.masking import attach_gates
+from composer_shear.pruning.gates import HardConcreteGate
+from composer_shear.pruning.mask_ops import mask_input
+from composer_shear.pruning.masking import attach_gates
 from tests.tiny_models import tiny_model
 
 

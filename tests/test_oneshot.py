@@ -9,12 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from composer_shear.export import kept_units_record
+from composer_shear.export.oneshot import (
+    oneshot_plan,
+    parse_target_shape,
+    prune_oneshot,
+)
+from composer_shear.export.surgery import prune_model
+from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
 from composer_shear.families import get_family
-from composer_shear.importance import collect_importance, random_importance
-from composer_shear.oneshot import oneshot_plan, parse_target_shape, prune_oneshot, units_plan
+from composer_shear.pruning.importance import collect_importance, random_importance
 from composer_shear.shape import ModelShape, ShapeError
-from composer_shear.surgery import prune_model
 from tests.pruning_helpers import REPO, VENV_BIN
 from tests.tiny_models import FAMILIES, prunable_dims, tiny_model
 
@@ -271,8 +275,6 @@ def test_cli_prunes_smollm2_at_target(smollm2_dir, tmp_path):
     assert not any(info.values()), info
     assert loaded.config.num_hidden_layers == 24 and loaded.config.hidden_size == 512
     assert sum(p.numel() for p in loaded.parameters()) == 80_241_152
-    from composer_shear.export import read_kept_units
-
     kept = read_kept_units(out)["kept"]
     assert len(kept["layers"]) == 24 and kept["layers"] == sorted(set(kept["layers"]))
     assert set(kept["layers"]) <= set(range(30)) and len(kept["hidden"]) == 512

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from composer_shear.surgery import prune_model
+from composer_shear.export.surgery import prune_model
 from tests.pruning_helpers import (
     FAMILY_TARGETS,
     REPO,
@@ -99,7 +99,7 @@ import json, sys
 from composer import Callback
 from composer.utils import dist
 from llmfoundry.registry import callbacks
-from composer_shear.masking import find_gates
+from composer_shear.pruning.masking import find_gates
 
 
 class GateRecorder(Callback):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from composer_shear import real_gemma3
-from composer_shear.real_gemma3 import GEMMA3_270M
-from composer_shear.real_model import register_cli
+from composer_shear.weights import gemma3 as real_gemma3
+from composer_shear.weights import register_cli
+from composer_shear.weights.gemma3 import GEMMA3_270M
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "sample_corpus"
 SCORE_TOKENS = 256
@@ -180,8 +180,8 @@ def test_oneshot_cut_exports_and_reloads(gemma, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from composer_shear.export.oneshot import prune_oneshot
     from composer_shear.families import get_family
-    from composer_shear.oneshot import prune_oneshot
 
     model, tokenizer = gemma
     target = {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 2}

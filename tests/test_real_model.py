@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from composer_shear import real_model
-from composer_shear.real_model import (
-    MARKER_NAME,
+from composer_shear.weights import convert as real_model
+from composer_shear.weights import register_cli
+from composer_shear.weights import smollm2 as smollm2_module
+from composer_shear.weights.convert import MARKER_NAME, default_cache_dir
+from composer_shear.weights.smollm2 import (
     SMOLLM2_DIRNAME,
     SmolLM2UnavailableError,
-    default_cache_dir,
     materialize_smollm2,
-    register_cli,
     smollm2_gguf_path,
 )
 
@@ -92,16 +92,18 @@ def test_unpermute_inverts_llama_cpp_layout(n_heads):
     weight = np.random.default_rng(0).standard_normal((n_heads * 8, 5)).astype(np.float32)
     permuted = _llama_cpp_permute(weight, n_heads)
     assert not np.array_equal(permuted, weight)
-    np.testing.assert_array_equal(real_model._unpermute_rotary(permuted, n_heads), weight)
+    np.testing.assert_array_equal(smollm2_module._unpermute_rotary(permuted, n_heads), weight)
 
 
 def test_gguf_names_map_to_llama():
-    assert real_model._hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
-    assert real_model._hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
-    assert real_model._hf_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert real_model._hf_name("output_norm.weight") == "model.norm.weight"
-    assert real_model._hf_name("output.weight") == "lm_head.weight"
-    assert real_model._hf_name("rope_freqs.weight") is None
+    assert (
+        smollm2_module._hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
+    )
+    assert smollm2_module._hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
+    assert smollm2_module._hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert smollm2_module._hf_name("output_norm.weight") == "model.norm.weight"
+    assert smollm2_module._hf_name("output.weight") == "lm_head.weight"
+    assert smollm2_module._hf_name("rope_freqs.weight") is None
 
 
 def _fake_cache(tmp_path: Path) -> tuple[Path, Path]:
@@ -113,7 +115,7 @@ def _fake_cache(tmp_path: Path) -> tuple[Path, Path]:
     for name in real_model.CHECKPOINT_FILES:
         (target / name).write_text(name)
     record = {
-        "format_version": real_model.FORMAT_VERSION,
+        "format_version": smollm2_module.FORMAT_VERSION,
         "source": real_model._source_record(gguf_path),
         "files": {name: (target / name).stat().st_size for name in real_model.CHECKPOINT_FILES},
     }
@@ -123,16 +125,19 @@ def _fake_cache(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_cache_validity_checks(tmp_path):
     gguf_path, target = _fake_cache(tmp_path)
-    assert real_model._cache_is_valid(target, gguf_path) == (True, "up to date")
+    assert real_model._cache_is_valid(target, gguf_path, smollm2_module.FORMAT_VERSION) == (
+        True,
+        "up to date",
+    )
 
     # A touched but identical source (e.g. reinstalled wheel) is still valid: content matches.
     os.utime(gguf_path, ns=(0, 0))
-    assert real_model._cache_is_valid(target, gguf_path)[0]
+    assert real_model._cache_is_valid(target, gguf_path, smollm2_module.FORMAT_VERSION)[0]
 
     # Same size, different content and timestamp: rebuild.
     gguf_path.write_bytes(b"GGUF" + bytes(99) + b"x")
     os.utime(gguf_path, ns=(10**9, 10**9))
-    assert not real_model._cache_is_valid(target, gguf_path)[0]
+    assert not real_model._cache_is_valid(target, gguf_path, smollm2_module.FORMAT_VERSION)[0]
 
 
 @pytest.mark.parametrize("damage", ["marker", "version", "weights", "missing"])
@@ -149,7 +154,7 @@ def test_cache_damage_is_detected(tmp_path, damage):
         (target / "model.safetensors").write_text("truncated")
     else:
         (target / "tokenizer.json").unlink()
-    valid, reason = real_model._cache_is_valid(target, gguf_path)
+    valid, reason = real_model._cache_is_valid(target, gguf_path, smollm2_module.FORMAT_VERSION)
     assert not valid and reason
 
 
@@ -309,7 +314,7 @@ def test_cache_reuse_and_rebuild(smollm2_dir, tmp_path):
     logs = "".join(out.stderr for out in outputs)
     assert logs.count("building") == 1 and logs.count("using cached") == 1, logs
     record = json.loads((target / MARKER_NAME).read_text())
-    assert record["verification"]["loss"] < real_model.VERIFY_MAX_LOSS
+    assert record["verification"]["loss"] < smollm2_module.VERIFY_MAX_LOSS
     assert record["verification"]["num_params"] == 134_515_008
     assert (target / "model.safetensors").stat().st_ino != weights_inode
     assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o644
@@ -317,12 +322,14 @@ def test_cache_reuse_and_rebuild(smollm2_dir, tmp_path):
         [SMOLLM2_DIRNAME, f".{SMOLLM2_DIRNAME}.lock"]
     )
     # The original cache is untouched by the rebuild of the copy.
-    assert real_model._cache_is_valid(smollm2_dir, smollm2_gguf_path())[0]
+    assert real_model._cache_is_valid(
+        smollm2_dir, smollm2_gguf_path(), smollm2_module.FORMAT_VERSION
+    )[0]
 
 
 def _materialize_in_two_processes(cache: Path) -> list[subprocess.CompletedProcess]:
     code = (
-        "import sys; from composer_shear.real_model import materialize_smollm2 as m; "
+        "import sys; from composer_shear.weights.smollm2 import materialize_smollm2 as m; "
         "print(m(sys.argv[1]))"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")

@@ -231,8 +231,8 @@ def check_components(recipe: Recipe) -> None:
 
     from composer_shear.callbacks.dynamic_batch_loading import DynamicBatchLoading
     from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
-    from composer_shear.distillation import KnowledgeDistillation
-    from composer_shear.pruning import TargetedPruning
+    from composer_shear.distillation.algorithm import KnowledgeDistillation
+    from composer_shear.pruning.algorithm import TargetedPruning
 
     cfg = recipe.cfg
     ours = {

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from composer_shear.reference_loss import (
+from composer_shear.data.calibration import read_mds_token_samples
+from composer_shear.data.reference_loss import (
     evaluate_domain_losses,
     fit_scaling_law,
     predict_loss,
-    read_mds_token_samples,
     register_cli,
     target_loss_snippet,
 )

@@ -7,8 +7,8 @@ from composer_shear import __version__
 from composer_shear.callbacks.dynamic_batch_loading import DynamicBatchLoading
 from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
 from composer_shear.data.builder import build_multi_domain_dataloader
-from composer_shear.distillation import KnowledgeDistillation
-from composer_shear.pruning import TargetedPruning
+from composer_shear.distillation.algorithm import KnowledgeDistillation
+from composer_shear.pruning.algorithm import TargetedPruning
 from composer_shear.report.metrics import JSONLMetricsLogger
 
 YAML = """

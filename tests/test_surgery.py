@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from composer_shear.export.surgery import plan_from_masks, prune_model
 from composer_shear.families import get_family
-from composer_shear.masking import attach_gates
+from composer_shear.pruning.masking import attach_gates
 from composer_shear.shape import ShapeError
-from composer_shear.surgery import plan_from_masks, prune_model
 from tests.tiny_models import FAMILIES, prunable_dims, tiny_model
 
 # Per family: a target for each gate kind alone, and all of them combined.

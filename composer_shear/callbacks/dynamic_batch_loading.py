@@ -26,10 +26,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_shear.data.descriptors import bound_open_files
+from composer_shear.data.mixer import find_multi_domain_dataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DynamicBatchLoading", "doremi_update", "find_domain_dataset"]
+__all__ = ["DynamicBatchLoading", "doremi_update"]
 
 UPDATE_TYPES = ("doremi", "constant")
 
@@ -66,29 +67,6 @@ def doremi_update(
     new /= new.sum()
     new = (1.0 - smoothing) * new + smoothing / w.size
     return new / new.sum()
-
-
-def find_domain_dataset(dataloader: Any, max_depth: int = 6) -> Any | None:
-    """Finds the multi-domain dataset behind a (train) dataloader, or ``None``.
-
-    Duck-typed on the interface the callback needs (``domains``, ``weights``, ``set_weights``),
-    so wrappers (``DataSpec``, ``DataLoader``, dataset wrappers exposing ``.dataset``) are
-    unwrapped and test fakes work too.
-
-    Args:
-        dataloader: a ``DataSpec``, a ``DataLoader`` or the dataset itself.
-        max_depth: how many ``.dataloader`` / ``.dataset`` links to follow.
-    """
-    obj = dataloader
-    for _ in range(max_depth):
-        if obj is None:
-            return None
-        if all(hasattr(obj, name) for name in ("domains", "weights", "set_weights")):
-            return obj
-        # Explicit None checks: truth-testing a DataLoader would call len() on it.
-        inner = getattr(obj, "dataloader", None)
-        obj = inner if inner is not None else getattr(obj, "dataset", None)
-    return None
 
 
 class DynamicBatchLoading(Callback):
@@ -196,7 +174,7 @@ class DynamicBatchLoading(Callback):
         return None if not self.history else np.asarray(self.history[-1]["weights"])
 
     def _validate(self, state: State) -> None:
-        dataset = find_domain_dataset(state.train_dataloader)
+        dataset = find_multi_domain_dataset(state.train_dataloader)
         if dataset is None:
             raise ValueError(
                 "DynamicBatchLoading needs a multi-domain train dataset (`train_loader: name: "

@@ -11,15 +11,10 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_shear.data.descriptors import bound_open_files
-from composer_shear.export import (
-    DTYPES,
-    MODEL_PREFIX,
-    export_model,
-    find_gated_hf_model,
-    gated_model_from_weights,
-)
-from composer_shear.masking import find_gates
+from composer_shear.export.checkpoint import MODEL_PREFIX, export_model, gated_model_from_weights
+from composer_shear.export.writer import DTYPES
 from composer_shear.output_paths import OutputPathError, check_output_dir
+from composer_shear.pruning.masking import find_gated_hf_model, find_gates
 from composer_shear.sharding import full_state_dict, is_sharded
 
 __all__ = ["PrunedHFExport"]
@@ -33,7 +28,7 @@ class PrunedHFExport(Callback):
     """Exports the pruned model as a Hugging Face directory at fit end (and every ``interval``).
 
     Rank 0 applies the deterministic masks, folds and slices (see
-    :mod:`composer_shear.surgery`) and writes config, safetensors, tokenizer and generation
+    :mod:`composer_shear.export.surgery`) and writes config, safetensors, tokenizer and generation
     config atomically. Under FSDP (1 or 2) the full state dict is first gathered to rank 0's
     CPU, tensor by tensor, and rank 0 rebuilds the gated model from it.
 

@@ -344,6 +344,10 @@ class MultiDomainDataset(IterableDataset):
         if len(set(domains)) != len(domains):
             raise ValueError(f"domains must be unique, got {list(domains)}")
         self._domains = list(domains)
+        # The data folders, as given: each domain reads ``<local>/<domain>/<split>`` (streamed
+        # from ``<remote>/<domain>/<split>`` when a remote is set).
+        self.local = local
+        self.remote = remote
         self.split = split
         self.is_train = split == "train"
         self.max_seq_len = int(max_seq_len)
@@ -776,19 +780,24 @@ def _upgrade_v1(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def find_multi_domain_dataset(dataloader: Any) -> MultiDomainDataset | None:
-    """Digs the :class:`MultiDomainDataset` out of a DataSpec, DataLoader or Evaluator."""
-    seen = 0
+def find_multi_domain_dataset(dataloader: Any, max_depth: int = 8) -> Any | None:
+    """The multi-domain dataset behind a DataSpec, DataLoader or Evaluator, or ``None``.
+
+    The one finder every component uses (the dynamic-batch-loading callback, ``init:
+    activation`` calibration). A :class:`MultiDomainDataset`, or any object with its
+    mixture interface (``domains``, ``weights``, ``set_weights``: a user's own mixer, or a
+    test fake), is found behind up to ``max_depth`` ``.dataloader`` / ``.dataset`` links.
+    """
     obj = dataloader
-    while obj is not None and seen < 8:
-        if isinstance(obj, MultiDomainDataset):
-            return obj
-        seen += 1
-        for attr in ("dataloader", "dataset"):
-            inner = getattr(obj, attr, None)
-            if inner is not None and inner is not obj:
-                obj = inner
-                break
-        else:
+    for _ in range(max_depth):
+        if obj is None:
             return None
+        if isinstance(obj, MultiDomainDataset) or all(
+            hasattr(obj, name) for name in ("domains", "weights", "set_weights")
+        ):
+            return obj
+        # Explicit None checks: truth-testing a DataLoader would call len() on it.
+        inner = getattr(obj, "dataloader", None)
+        obj = inner if inner is not None and inner is not obj else getattr(obj, "dataset", None)
+    return None
     return None

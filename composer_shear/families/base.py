@@ -4,8 +4,9 @@ Gates are injected into *unmodified* ``transformers`` models, so everything fami
 is *where* things live and *how* a few of them behave: the module paths, which norms a layer
 has and what each normalises, the biases, the parameter-count terms, the config fields that
 depend on the kept layers, and which dimensions cannot be pruned. :class:`DecoderFamily`
-declares all of it; :mod:`composer_shear.shape`, :mod:`composer_shear.masking`,
-:mod:`composer_shear.surgery` and :mod:`composer_shear.importance` read the declaration and
+declares all of it; :mod:`composer_shear.shape`, :mod:`composer_shear.pruning.masking`,
+:mod:`composer_shear.export.surgery` and :mod:`composer_shear.pruning.importance` read the
+declaration and
 name no family.
 """
 

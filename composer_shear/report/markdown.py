@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from composer_shear.downstream.evaluate import chance_levels, read_results, results_table
 from composer_shear.output_paths import check_output_dir
 from composer_shear.report.labels import (
     DIM_LABELS,
@@ -351,8 +352,6 @@ def _losses_section(run: _Run) -> list[str]:
 
 def _downstream_section(run: _Run) -> list[str]:
     """Downstream accuracy per model, from ``RUN/eval/downstream.json`` (demo stage 8)."""
-    from composer_shear.downstream.evaluate import chance_levels, read_results, results_table
-
     lines = ["## Downstream accuracy", ""]
     data = _read_json(run.run_dir / "eval" / "downstream.json", run.notes)
     if data is None:

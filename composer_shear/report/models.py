@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from composer_shear.families import get_family
+
 if TYPE_CHECKING:
     from composer_shear.shape import ModelShape
 
@@ -44,8 +46,6 @@ class ModelInfo:
 def describe_model(name: str, path: str | Path) -> ModelInfo:
     """Reads a model directory's config and counts its parameters (no weights are loaded)."""
     from transformers import AutoConfig
-
-    from composer_shear.families import get_family
 
     config = AutoConfig.from_pretrained(str(path))
     shape = get_family(config).shape(config)

@@ -3,7 +3,7 @@
 Functional core first (the forward-KL loss with its hand-written gradient, the mask of
 predicted positions, the loss combination), then the thin :class:`KnowledgeDistillation`
 algorithm, in the style of Composer's own algorithms. The teacher itself (its weights, build
-and placement) lives in :mod:`composer_shear.teacher`.
+and placement) lives in :mod:`composer_shear.distillation.teacher`.
 
 The loss is the forward KL divergence ``KL(teacher || student)`` between the next-token
 distributions of the same batch, averaged over the positions the LM loss averages over (those
@@ -27,16 +27,16 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from composer_shear.teacher import (
+from composer_shear.distillation.teacher import (
     YAML_KEY,
     build_teacher_skeleton,
-    causal_lm_of,
     load_teacher_weights,
     local_weight_bytes,
     place_teacher,
     source_weights,
     teacher_forward,
 )
+from composer_shear.wrappers import hf_causal_lm
 
 __all__ = [
     "IGNORE_INDEX",
@@ -351,7 +351,9 @@ class KnowledgeDistillation(Algorithm):
         dtype = _resolve_dtype(self.teacher_dtype, state.precision)
         # The student's attention kernel: the same numerics on both sides (a teacher equal to
         # the student gives exactly 0).
-        attn = getattr(causal_lm_of(state.model).config, "_attn_implementation", None)
+        attn = getattr(
+            hf_causal_lm(state.model, "knowledge_distillation").config, "_attn_implementation", None
+        )
         on_rank0 = dist.get_global_rank() == 0
         # Rank 0 holds the weights until FIT_START and broadcasts them; the others need only
         # the config (under init_device: mixed they hold no weights anyway).
@@ -359,7 +361,7 @@ class KnowledgeDistillation(Algorithm):
             if on_rank0 or dist.get_world_size() == 1:
                 config, self._weights = source_weights(state.model, dtype)
             else:
-                config = copy.deepcopy(causal_lm_of(state.model).config)
+                config = copy.deepcopy(hf_causal_lm(state.model, "knowledge_distillation").config)
         elif on_rank0 or dist.get_world_size() == 1:
             config, self._weights = load_teacher_weights(self.teacher_spec, dtype, attn)
         else:

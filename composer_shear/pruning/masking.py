@@ -13,10 +13,10 @@ where                    what
 embedding output         hidden gates (times ``sqrt(kept / D)`` where the family's embedding
                          scale follows the hidden size, as the compact model's does)
 ``o_proj`` input         per-head gates (kv-group gate x query-head-in-group gate), applied by
-                         :func:`~composer_shear.mask_ops.mask_input`, which saves no copy of
+                         :func:`~composer_shear.pruning.mask_ops.mask_input`, which saves no copy of
                          the activations for the backward pass
 ``o_proj`` output        layer gate x hidden gates (the attention residual branch)
-``down_proj`` input      intermediate gates (:func:`~composer_shear.mask_ops.mask_input`)
+``down_proj`` input      intermediate gates (:func:`~composer_shear.pruning.mask_ops.mask_input`)
 ``down_proj`` output     layer gate x hidden gates (the MLP residual branch)
 every hidden RMSNorm     statistics over the kept hidden dims only (pre-scale, post-unscale)
 =======================  ===================================================================
@@ -27,7 +27,7 @@ the branch norm's statistics are over the kept dims, and layer gate x hidden gat
 branch norm's output; a scale before a norm would be normalised away.
 
 With the deterministic masks the masked model computes exactly what the sliced model of
-:mod:`composer_shear.surgery` computes.
+:mod:`composer_shear.export.surgery` computes.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from composer_shear.families import DecoderFamily, LayerModules, get_family
-from composer_shear.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate, descending_ranks
-from composer_shear.mask_ops import mask_input
+from composer_shear.pruning.gates import (
+    LOG_ALPHA_MAX,
+    LOG_ALPHA_MIN,
+    HardConcreteGate,
+    descending_ranks,
+)
+from composer_shear.pruning.mask_ops import mask_input
 from composer_shear.shape import ModelShape, count_params
 
 __all__ = [
@@ -51,6 +56,7 @@ __all__ = [
     "ForwardMasks",
     "ShearGates",
     "attach_gates",
+    "find_gated_hf_model",
     "find_gates",
     "gate_specs",
 ]
@@ -593,4 +599,12 @@ def find_gates(model: nn.Module) -> ShearGates | None:
     for module in model.modules():
         if isinstance(module, ShearGates):
             return module
+    return None
+
+
+def find_gated_hf_model(module: nn.Module) -> nn.Module | None:
+    """The Hugging Face model that carries the gates, inside any Composer / DDP wrapper."""
+    for candidate in module.modules():
+        if isinstance(getattr(candidate, GATES_ATTR, None), ShearGates):
+            return candidate
     return None

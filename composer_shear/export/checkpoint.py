@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,46 +20,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from composer_shear.export.surgery import PruningPlan, plan_pruning, prune_model
+from composer_shear.export.units import (
+    KeptUnitsError,
+    compare_kept_units,
+    kept_units_record,
+    read_kept_units,
+)
+from composer_shear.export.writer import DTYPES, ExportError, check_out_dir, write_hf_directory
 from composer_shear.families import get_family
-from composer_shear.masking import GATES_ATTR, ShearGates, attach_gates, find_gates
+from composer_shear.pruning.masking import GATES_ATTR, attach_gates, find_gates
 from composer_shear.shape import ModelShape
-from composer_shear.surgery import PruningPlan, plan_pruning, prune_model
 
 __all__ = [
     "ExportError",
     "ExportSummary",
-    "check_out_dir",
-    "compare_kept_units",
     "export_checkpoint",
     "export_model",
-    "find_gated_hf_model",
     "gated_model_from_checkpoint",
     "gated_model_from_weights",
-    "kept_units_record",
     "load_composer_checkpoint",
-    "read_kept_units",
     "register_cli",
-    "write_hf_directory",
 ]
 
 MODEL_PREFIX = "model."  # Composer's HuggingFaceModel keeps the HF model as `.model`
-EXPORT_INFO = "composer_shear_export.json"
-# Which source units the pruned model keeps: a separate, compact file (tens of thousands of
-# indices would drown the readable export info).
-KEPT_UNITS = "composer_shear_kept_units.json"
-# Dimensions of the kept-units record, and the source-shape field that sizes each one's row.
-UNIT_DIMENSIONS = {
-    "layers": "num_hidden_layers",
-    "heads": "num_attention_heads",
-    "kv_heads": "num_key_value_heads",
-    "intermediate": "intermediate_size",
-    "hidden": "hidden_size",
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ExportError(RuntimeError):
-    """The checkpoint or the output directory cannot be used; nothing was written."""
 
 
 @dataclass
@@ -91,65 +73,6 @@ class ExportSummary:
         )
 
 
-# -- writing ----------------------------------------------------------------------------------
-
-
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Raises ExportError unless ``out_dir`` is absent, empty, or may be overwritten."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"Output directory {out_dir} is not empty; pass --overwrite to replace it."
-        )
-
-
-def write_hf_directory(
-    model: nn.Module,
-    out_dir: str | Path,
-    tokenizer: Any = None,
-    overwrite: bool = False,
-    info: dict[str, Any] | None = None,
-    kept_units: dict[str, Any] | None = None,
-) -> Path:
-    """Writes ``model`` (+ tokenizer) as a Hugging Face directory, atomically.
-
-    Everything goes to a temporary sibling first and is renamed into place at the end, so a
-    failure never leaves a half-written ``out_dir`` (and an existing one survives it).
-
-    Args:
-        model: The model to write.
-        out_dir: Output directory.
-        tokenizer: Tokenizer to save beside the weights.
-        overwrite: Replace a non-empty ``out_dir``.
-        info: Written as ``composer_shear_export.json``.
-        kept_units: A :func:`kept_units_record`, written as ``composer_shear_kept_units.json``.
-    """
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if info is not None:
-            (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if kept_units is not None:
-            (tmp / KEPT_UNITS).write_text(json.dumps(kept_units) + "\n")
-        if out_dir.exists():
-            out_dir.rename(backup)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if backup.exists() and not out_dir.exists():
-            backup.rename(out_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-    return out_dir
-
-
 def _export_info(plan: PruningPlan, source: ModelShape) -> dict[str, Any]:
     return {
         "source_shape": source.config_updates(),
@@ -159,79 +82,6 @@ def _export_info(plan: PruningPlan, source: ModelShape) -> dict[str, Any]:
         "kept_layers": plan.kept_layers,
         "kept_hidden": len(plan.kept_hidden),
     }
-
-
-def kept_units_record(plan: PruningPlan, source: ModelShape) -> dict[str, Any]:
-    """The source shape and the source index of every unit ``plan`` keeps."""
-    return {"source_shape": source.config_updates(), "kept": plan.kept_units()}
-
-
-def read_kept_units(model_dir: str | Path) -> dict[str, Any]:
-    """The kept-units record a pruned model directory carries.
-
-    Raises:
-        ExportError: ``model_dir`` has no record (not written by composer_shear's export or
-            ``prune-oneshot``), or it is malformed.
-    """
-    path = Path(model_dir) / KEPT_UNITS
-    if not path.is_file():
-        raise ExportError(
-            f"{model_dir} has no {KEPT_UNITS}: it was not written by `composer-shear export` "
-            "or `composer-shear prune-oneshot` (or by a version before the record existed)."
-        )
-    record = json.loads(path.read_text())
-    missing = [d for d in UNIT_DIMENSIONS if d not in record.get("kept", {})]
-    if "source_shape" not in record or missing:
-        raise ExportError(f"{path} is malformed (missing: {missing or ['source_shape']}).")
-    return record
-
-
-def compare_kept_units(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """How many of the units that ``a`` keeps ``b`` keeps too, per dimension.
-
-    Per-layer dimensions are compared in the source layers both keep. ``chance`` is the share
-    a uniformly random choice of ``b``'s size would share on average, the floor to read
-    ``shared`` against: keeping 1,152 of 1,536 intermediate units, two random cuts already
-    share 75%.
-
-    Args:
-        a: A :func:`kept_units_record` (e.g. of a learned route's export).
-        b: Another, of a model pruned from the same source.
-
-    Returns:
-        Per dimension: ``shared`` (units of ``a`` that ``b`` keeps too, over ``a``'s count),
-        ``chance``, and the counts ``kept_a``, ``kept_b``, ``both``.
-
-    Raises:
-        ExportError: The two records come from different source shapes.
-    """
-    if a["source_shape"] != b["source_shape"]:
-        raise ExportError(
-            f"the models come from different source shapes: {a['source_shape']} vs "
-            f"{b['source_shape']}"
-        )
-    layers_a, layers_b = a["kept"]["layers"], b["kept"]["layers"]
-    common = sorted(set(layers_a) & set(layers_b))
-    result = {}
-    for dim, size_key in UNIT_DIMENSIONS.items():
-        size = a["source_shape"][size_key]
-        if dim in ("layers", "hidden"):
-            rows_a, rows_b = [a["kept"][dim]], [b["kept"][dim]]
-        else:
-            rows_a = [a["kept"][dim][layers_a.index(layer)] for layer in common]
-            rows_b = [b["kept"][dim][layers_b.index(layer)] for layer in common]
-        kept_a = sum(len(row) for row in rows_a)
-        kept_b = sum(len(row) for row in rows_b)
-        both = sum(len(set(ra) & set(rb)) for ra, rb in zip(rows_a, rows_b, strict=True))
-        rows = max(len(rows_b), 1)
-        result[dim] = {
-            "kept_a": kept_a,
-            "kept_b": kept_b,
-            "both": both,
-            "shared": both / kept_a if kept_a else 1.0,
-            "chance": kept_b / (rows * size) if size else 1.0,
-        }
-    return result
 
 
 def export_model(
@@ -271,14 +121,6 @@ def export_model(
     return ExportSummary(
         written, gates.source, gates.target, plan.kept_layers, time.perf_counter() - start
     )
-
-
-def find_gated_hf_model(module: nn.Module) -> nn.Module | None:
-    """The Hugging Face model that carries the gates, inside any Composer / DDP wrapper."""
-    for candidate in module.modules():
-        if isinstance(getattr(candidate, GATES_ATTR, None), ShearGates):
-            return candidate
-    return None
 
 
 # -- reading checkpoints ------------------------------------------------------------------------
@@ -551,7 +393,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 def _run_compare_cli(args: argparse.Namespace) -> int:
     try:
         result = compare_kept_units(read_kept_units(args.model_a), read_kept_units(args.model_b))
-    except (ExportError, OSError, ValueError) as error:
+    except (ExportError, KeptUnitsError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{'dimension':<14}{'kept (a / b)':>18}{'in both':>10}{'shared':>9}{'chance':>9}")

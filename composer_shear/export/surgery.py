@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from composer_shear.families import DecoderFamily, get_family
-from composer_shear.masking import GATES_ATTR, ShearGates, find_gates, gate_specs
-from composer_shear.shape import ModelShape, ShapeError
+from composer_shear.pruning.masking import GATES_ATTR, ShearGates, find_gates
+from composer_shear.shape import ModelShape
 
 __all__ = [
     "PruningPlan",
-    "keep_masks_from_kept_units",
-    "kept_units_target",
     "plan_from_masks",
     "plan_pruning",
     "prune_model",
@@ -93,7 +89,7 @@ def plan_from_masks(
     """Index lists and scales from per-dimension keep masks: how *any* unit choice is sliced.
 
     Learned gates (:func:`plan_pruning`) and one-shot importance
-    (:mod:`composer_shear.oneshot`) both end here, so there is one slicing code path.
+    (:mod:`composer_shear.export.oneshot`) both end here, so there is one slicing code path.
 
     Args:
         source: Shape of the model being sliced.
@@ -160,71 +156,6 @@ def plan_from_masks(
         kept_hidden=kept_hidden,
         target=target,
     )
-
-
-def kept_units_target(kept: Mapping[str, Any]) -> dict[str, int]:
-    """The target shape (``TARGET_KEYS``) of a :meth:`PruningPlan.kept_units` record."""
-    rows = {dim: kept[dim] for dim in ("heads", "kv_heads", "intermediate")}
-    for dim, per_layer in rows.items():
-        if len(per_layer) != len(kept["layers"]) or len({len(row) for row in per_layer}) > 1:
-            raise ShapeError(f"kept units: {dim} needs one row per kept layer, all the same length")
-    return {
-        "num_hidden_layers": len(kept["layers"]),
-        "hidden_size": len(kept["hidden"]),
-        "num_attention_heads": len(rows["heads"][0]) if rows["heads"] else 0,
-        "num_key_value_heads": len(rows["kv_heads"][0]) if rows["kv_heads"] else 0,
-        "intermediate_size": len(rows["intermediate"][0]) if rows["intermediate"] else 0,
-    }
-
-
-def keep_masks_from_kept_units(
-    kept: Mapping[str, Any], source: ModelShape, target: ModelShape
-) -> dict[str, torch.Tensor]:
-    """Gate-shaped keep masks that select exactly the units of a kept-units record.
-
-    The inverse of :meth:`PruningPlan.kept_units`: :func:`plan_from_masks` of these masks keeps
-    the recorded units, so one run's unit choice can cut another copy of the source (e.g. a
-    learned route's choice, cut from the unpruned weights). Rows of layers the record drops
-    keep their first units; they are sliced away with the layer.
-
-    Args:
-        kept: ``kept`` of a record (``composer_shear_kept_units.json``).
-        source: Shape of the model to cut (the record's source shape).
-        target: :func:`kept_units_target` of the record, resolved against ``source``.
-
-    Raises:
-        ShapeError: An index outside the source or repeated in a row.
-    """
-    _set_unique(torch.zeros(source.num_hidden_layers, dtype=torch.bool), kept["layers"], "layers")
-    n_rep = source.heads_per_group
-    per_layer_rows = {
-        "kv_heads": kept["kv_heads"],
-        "heads": [[divmod(i, n_rep) for i in row] for row in kept["heads"]],
-        "intermediate": kept["intermediate"],
-    }
-    masks = {}
-    for name, (shape, count) in gate_specs(source, target).items():
-        mask = torch.zeros(shape, dtype=torch.bool)
-        if name in ("layers", "hidden"):
-            _set_unique(mask, kept[name], name)
-        else:
-            mask[..., :count] = True  # dropped layers: any valid row (sliced away)
-            for layer, row in zip(kept["layers"], per_layer_rows[name], strict=True):
-                mask[layer] = False
-                _set_unique(mask[layer], row, f"{name} of layer {layer}")
-        masks[name] = mask
-    return masks
-
-
-def _set_unique(mask: torch.Tensor, indices: Sequence[Any], what: str) -> None:
-    """Sets ``mask`` at every index (an int or a tuple); refuses repeats and out-of-range."""
-    indices = [index if isinstance(index, tuple) else (index,) for index in indices]
-    if len(set(indices)) != len(indices):
-        raise ShapeError(f"kept units: {what} repeats a unit")
-    for index in indices:
-        if any(i < 0 or i >= size for i, size in zip(index, mask.shape, strict=True)):
-            raise ShapeError(f"kept units: {what} has unit {index} outside {tuple(mask.shape)}")
-        mask[index] = True
 
 
 @torch.no_grad()
@@ -387,7 +318,7 @@ def prune_model(
 
     Args:
         model: A Hugging Face causal LM, not wrapped by FSDP (gather first); it carries gates
-            (:func:`composer_shear.masking.attach_gates`) unless ``plan`` is given.
+            (:func:`composer_shear.pruning.masking.attach_gates`) unless ``plan`` is given.
         gates: The gates; found inside ``model`` when omitted.
         plan: What to keep (:func:`plan_pruning` of the gates, or :func:`plan_from_masks` of
             any unit choice); computed from the gates when omitted.

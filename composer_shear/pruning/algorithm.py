@@ -2,7 +2,8 @@
 
 Functional core first (:func:`apply_targeted_pruning`, usable without a Trainer), then the thin
 :class:`TargetedPruning` algorithm, in the style of Composer's own algorithms. The penalty is
-*computed* inside the forward pass (see :mod:`composer_shear.masking`) and *added* to the loss
+*computed* inside the forward pass (see :mod:`composer_shear.pruning.masking`) and *added* to the
+loss
 here, at ``AFTER_LOSS``.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,14 +20,16 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_shear.gates import (
+from composer_shear.data.calibration import calibration_batches
+from composer_shear.data.mixer import find_multi_domain_dataset
+from composer_shear.pruning.gates import (
     LOG_ALPHA_MAX,
     LOG_ALPHA_MIN,
     check_init_log_alpha,
     check_log_alpha_range,
 )
-from composer_shear.importance import Importance, collect_importance, unit_scores
-from composer_shear.masking import (
+from composer_shear.pruning.importance import Importance, collect_importance, unit_scores
+from composer_shear.pruning.masking import (
     EVAL_MODES,
     INIT_BAND_HALF_WIDTH,
     ShearGates,
@@ -36,13 +38,13 @@ from composer_shear.masking import (
 )
 from composer_shear.shape import TARGET_KEYS, ShapeError
 from composer_shear.sharding import writable_gates
+from composer_shear.wrappers import composer_model_of, hf_causal_lm
 
 __all__ = [
     "INIT_MODES",
     "TargetedPruning",
     "add_gate_param_groups",
     "apply_targeted_pruning",
-    "hf_model_of",
     "init_gates_from_importance",
     "reshape_multiplier_optimizer_state",
     "set_gate_param_group_lrs",
@@ -51,19 +53,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INIT_MODES = ("uniform", "activation")
-
-
-def hf_model_of(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a Composer ``HuggingFaceModel`` (or the model itself)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "config") and hasattr(inner, "get_input_embeddings"):
-        return inner
-    if hasattr(model, "config") and hasattr(model, "get_input_embeddings"):
-        return model
-    raise TypeError(
-        f"targeted_pruning needs a Hugging Face causal LM (e.g. llm-foundry's hf_causal_lm); "
-        f"got {type(model).__name__}."
-    )
 
 
 def add_gate_param_groups(
@@ -150,9 +139,9 @@ def apply_targeted_pruning(
         log_alpha_range: Clamp range of log-alpha (default: the paper's ``[log 1e-2, log 1e2]``).
 
     Returns:
-        The attached :class:`~composer_shear.masking.ShearGates`.
+        The attached :class:`~composer_shear.pruning.masking.ShearGates`.
     """
-    hf_model = hf_model_of(model)
+    hf_model = hf_causal_lm(model, "targeted_pruning")
     gates = attach_gates(
         hf_model,
         dict(target_shape),
@@ -181,7 +170,7 @@ def init_gates_from_importance(
 ) -> None:
     """Sets the gates so that their target top-k is the one-shot importance choice.
 
-    Every unit that one-shot pruning (:mod:`composer_shear.oneshot`) keeps gets a log-alpha
+    Every unit that one-shot pruning (:mod:`composer_shear.export.oneshot`) keeps gets a log-alpha
     near ``kept_log_alpha``, every other near ``pruned_log_alpha``, ordered by importance
     inside each band. The Lagrangian warm-up then starts from the sparsity this implies
     (:attr:`ShearGates.start_sparsity`), not from 0, so the penalty does not pull pruned
@@ -305,9 +294,10 @@ class TargetedPruning(Algorithm):
         seed: Seed of the gates' initial noise (identical on every rank).
         init: ``"uniform"``: every unit starts kept (log-alpha ``init_log_alpha`` plus tiny
             noise), the paper's start. ``"activation"``: before the first step, activation
-            importance (:mod:`composer_shear.importance`) is measured on calibration batches and
+            importance (:mod:`composer_shear.pruning.importance`) is measured on calibration
+            batches and
             the gates are set so that their target top-k is the one-shot choice
-            (:mod:`composer_shear.oneshot`); the warm-up then starts from the sparsity this
+            (:mod:`composer_shear.export.oneshot`); the warm-up then starts from the sparsity this
             implies.
         init_pruned_log_alpha: ``init: activation``: log-alpha of the units one-shot would
             prune (default -4.0: mostly off from the start; a value near ``init_log_alpha``
@@ -471,9 +461,6 @@ class TargetedPruning(Algorithm):
 
     def _init_from_importance(self, state: State, gates: ShearGates) -> None:
         """``init: activation``: measure importance on calibration batches, set the gates."""
-        from composer_shear.data.mixer import find_multi_domain_dataset
-        from composer_shear.oneshot import calibration_batches
-
         data_dir, domains, seq_len = self.init_data, None, None
         mixer = find_multi_domain_dataset(state.dataloader)
         if mixer is not None:
@@ -481,7 +468,7 @@ class TargetedPruning(Algorithm):
             if data_dir is None:
                 # Each domain reads LOCAL/<domain>/<split>; calibration reads LOCAL's shards
                 # directly (no Streaming state is touched, so training data order is unchanged).
-                data_dir = str(Path(mixer.datasets[0].streams[0].local).parent.parent)
+                data_dir = mixer.local
                 domains = mixer.domains
         if data_dir is None:
             raise ValueError(
@@ -510,7 +497,7 @@ class TargetedPruning(Algorithm):
             len(mine),
             batch_size * seq_len,
         )
-        hf_model = hf_model_of(_unwrap(state.model))
+        hf_model = hf_causal_lm(state.model, "targeted_pruning")
         was_training = state.model.training
         state.model.eval()
 
@@ -555,7 +542,7 @@ class TargetedPruning(Algorithm):
     def _log_landing(self, state: State, gates: ShearGates, logger: Logger) -> None:
         """Scores a few batches of every evaluator at the expected shape and the target cut."""
         model = state.model
-        composer_model = _unwrap(model)
+        composer_model = composer_model_of(model)
         previous = gates.eval_at
         sums = {"expected": 0.0, "target": 0.0}
         labels = 0
@@ -645,10 +632,3 @@ class TargetedPruning(Algorithm):
         self._initialized = bool(state.get("initialized", True))
         if self.gates is not None and "start_sparsity" in state:
             self.gates.start_sparsity = {k: float(v) for k, v in state["start_sparsity"].items()}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Composer model inside DDP (``.module``); FSDP keeps the Composer model outside."""
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model

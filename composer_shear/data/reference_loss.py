@@ -20,85 +20,24 @@ import argparse
 import json
 import math
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from composer_shear.data.calibration import read_mds_token_samples
+
 __all__ = [
     "evaluate_domain_losses",
     "fit_scaling_law",
     "predict_loss",
-    "read_mds_token_samples",
     "register_cli",
     "target_loss_snippet",
 ]
 
 
 # --------------------------------------------------------------------------- reading eval data
-
-
-def _sample_tokens(sample: dict[str, Any], tokenizer: Any | None) -> np.ndarray:
-    """Token ids of one MDS sample, whichever of the usual column layouts it uses."""
-    for key in ("input_ids", "tokens"):
-        if key in sample:
-            value = sample[key]
-            if isinstance(value, bytes):
-                # llm-foundry's legacy layout: raw int64 bytes.
-                return np.frombuffer(value, dtype=np.int64).copy()
-            return np.asarray(value, dtype=np.int64).reshape(-1)
-    if "text" in sample:
-        if tokenizer is None:
-            raise ValueError("Text MDS samples need a tokenizer to evaluate.")
-        return np.asarray(tokenizer(sample["text"])["input_ids"], dtype=np.int64)
-    raise ValueError(f"MDS sample has no token column (input_ids/tokens/text): {list(sample)}.")
-
-
-def read_mds_token_samples(
-    split_dir: str | Path,
-    tokenizer: Any | None = None,
-    max_samples: int | None = None,
-) -> Iterator[np.ndarray]:
-    """Yields the token ids of every sample of a local MDS directory, in shard order.
-
-    Reads the shards directly (no shared memory, no cache directory), so it is safe to call from
-    a plain script or a test next to a running trainer.
-
-    Args:
-        split_dir: directory holding ``index.json`` and the shards (e.g. ``DATA/<domain>/eval``).
-        tokenizer: only needed when samples store ``text`` instead of token ids.
-        max_samples: stop after this many samples.
-    """
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
-
-    split_dir = Path(split_dir)
-    index_path = split_dir / "index.json"
-    if not index_path.exists():
-        raise FileNotFoundError(f"No MDS index at {index_path}.")
-    index = json.loads(index_path.read_text())
-    count = 0
-    # Compressed shards are decompressed into a scratch directory, never next to the data.
-    with tempfile.TemporaryDirectory(prefix="mds_raw_") as scratch:
-        for info in index["shards"]:
-            dirname = split_dir
-            if not (split_dir / info["raw_data"]["basename"]).exists():
-                zip_info = info.get("zip_data")
-                if not zip_info:
-                    raise FileNotFoundError(f"MDS shard {info['raw_data']['basename']} missing.")
-                data = (split_dir / zip_info["basename"]).read_bytes()
-                dirname = Path(scratch)
-                (dirname / info["raw_data"]["basename"]).write_bytes(
-                    decompress(info["compression"], data)
-                )
-            shard = reader_from_json(str(dirname), None, info)
-            for i in range(shard.samples):
-                if max_samples is not None and count >= max_samples:
-                    return
-                yield _sample_tokens(shard[i], tokenizer)
-                count += 1
 
 
 # --------------------------------------------------------------------------- measuring losses

@@ -15,7 +15,7 @@ hidden channel         ``|x|`` of every hidden-sized RMSNorm output (every norm 
 layer                  block influence ``1 - cos(layer input, layer output)``
 =====================  ================================================================
 
-Scores are laid out like the gates of :class:`~composer_shear.masking.ShearGates` (see
+Scores are laid out like the gates of :class:`~composer_shear.pruning.masking.ShearGates` (see
 :func:`unit_scores`), so one-shot pruning keeps the top units of every row and gate
 initialisation ranks the same units the same way. Sums are all-reduced across ranks, so
 every rank of a distributed job ends with the same scores.

@@ -1,0 +1,129 @@
+"""Token samples straight from MDS shards: calibration batches and held-out evaluation samples.
+
+One-shot importance, ``init: activation`` of ``targeted_pruning`` and ``reference-loss`` read
+tokens from the per-domain MDS folders that ``composer-shear tokenize`` writes, without a
+Streaming dataset (no shared memory, no local cache): a bounded number of samples per domain,
+read shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from streaming.base.compression import decompress
+from streaming.base.format import reader_from_json
+
+__all__ = ["calibration_batches", "read_mds_token_samples"]
+
+
+def calibration_batches(
+    data_dir: str | Path,
+    tokens: int,
+    max_seq_len: int,
+    batch_size: int = 8,
+    domains: Sequence[str] | None = None,
+    seed: int = 0,
+    split: str = "train",
+) -> list[torch.Tensor]:
+    """Calibration batches drawn evenly from every domain's ``split`` of an MDS data folder.
+
+    Each domain contributes the same number of sequences, picked at random (seeded) among the
+    first ``8x`` that many of its samples (the reading cost stays bounded on large corpora).
+
+    Args:
+        data_dir: ``DATA/<domain>/<split>`` MDS folders (``composer-shear tokenize``).
+        tokens: Calibration tokens wanted (rounded up to whole batches).
+        max_seq_len: Tokens per sequence (samples are truncated; shorter ones skipped).
+        batch_size: Sequences per batch.
+        domains: Domains to use (default: every folder with a ``split``).
+        seed: Seed of the pick.
+        split: Which split (the train split: eval data stays held out).
+    """
+    data_dir = Path(data_dir)
+    if domains is None:
+        domains = sorted(p.name for p in data_dir.iterdir() if (p / split / "index.json").is_file())
+    if not domains:
+        raise FileNotFoundError(f"No <domain>/{split} MDS folders under {data_dir}.")
+    n_batches = max(1, math.ceil(tokens / (batch_size * max_seq_len)))
+    per_domain = math.ceil(n_batches * batch_size / len(domains))
+    rng = np.random.default_rng(seed)
+    rows: list[np.ndarray] = []
+    for domain in domains:
+        split_dir = data_dir / domain / split
+        pool = [
+            t[:max_seq_len]
+            for t in read_mds_token_samples(split_dir, max_samples=8 * per_domain)
+            if len(t) >= max_seq_len
+        ]
+        if not pool:
+            raise ValueError(f"domain {domain!r}: no sample of {max_seq_len} tokens in {split_dir}")
+        picks = rng.choice(len(pool), size=per_domain, replace=len(pool) < per_domain)
+        rows.extend(pool[i] for i in picks)
+    order = rng.permutation(len(rows))[: n_batches * batch_size]
+    ids = torch.from_numpy(np.stack([rows[i] for i in order]).astype(np.int64))
+    return list(ids.split(batch_size))
+
+
+def _sample_tokens(sample: dict[str, Any], tokenizer: Any | None) -> np.ndarray:
+    """Token ids of one MDS sample, whichever of the usual column layouts it uses."""
+    for key in ("input_ids", "tokens"):
+        if key in sample:
+            value = sample[key]
+            if isinstance(value, bytes):
+                # llm-foundry's legacy layout: raw int64 bytes.
+                return np.frombuffer(value, dtype=np.int64).copy()
+            return np.asarray(value, dtype=np.int64).reshape(-1)
+    if "text" in sample:
+        if tokenizer is None:
+            raise ValueError("Text MDS samples need a tokenizer to evaluate.")
+        return np.asarray(tokenizer(sample["text"])["input_ids"], dtype=np.int64)
+    raise ValueError(f"MDS sample has no token column (input_ids/tokens/text): {list(sample)}.")
+
+
+def read_mds_token_samples(
+    split_dir: str | Path,
+    tokenizer: Any | None = None,
+    max_samples: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Yields the token ids of every sample of a local MDS directory, in shard order.
+
+    Reads the shards directly (no shared memory, no cache directory), so it is safe to call from
+    a plain script or a test next to a running trainer.
+
+    Args:
+        split_dir: directory holding ``index.json`` and the shards (e.g. ``DATA/<domain>/eval``).
+        tokenizer: only needed when samples store ``text`` instead of token ids.
+        max_samples: stop after this many samples.
+    """
+    split_dir = Path(split_dir)
+    index_path = split_dir / "index.json"
+    if not index_path.exists():
+        raise FileNotFoundError(f"No MDS index at {index_path}.")
+    index = json.loads(index_path.read_text())
+    count = 0
+    # Compressed shards are decompressed into a scratch directory, never next to the data.
+    with tempfile.TemporaryDirectory(prefix="mds_raw_") as scratch:
+        for info in index["shards"]:
+            dirname = split_dir
+            if not (split_dir / info["raw_data"]["basename"]).exists():
+                zip_info = info.get("zip_data")
+                if not zip_info:
+                    raise FileNotFoundError(f"MDS shard {info['raw_data']['basename']} missing.")
+                data = (split_dir / zip_info["basename"]).read_bytes()
+                dirname = Path(scratch)
+                (dirname / info["raw_data"]["basename"]).write_bytes(
+                    decompress(info["compression"], data)
+                )
+            shard = reader_from_json(str(dirname), None, info)
+            for i in range(shard.samples):
+                if max_samples is not None and count >= max_samples:
+                    return
+                yield _sample_tokens(shard[i], tokenizer)
+                count += 1
