@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     # Imported here, not at the top: each pulls in torch / transformers / Composer, and
     # `composer-shear --help` should not pay for them before the parser exists.
-    from composer_shear import demo, weights
+    from composer_shear import demo, plan, weights
     from composer_shear.data import prep, reference_loss
     from composer_shear.downstream import data as downstream_data
     from composer_shear.downstream import evaluate as downstream_evaluate
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_cli.register_cli(subparsers)
     downstream_data.register_cli(subparsers)
     downstream_evaluate.register_cli(subparsers)
+    plan.register_cli(subparsers)
     demo.register_cli(subparsers)
     return parser
 

@@ -31,6 +31,7 @@ TOP_LEVEL = {
     "demo",
     "launch",
     "output_paths",
+    "plan",
     "shape",
     "sharding",
     "wrappers",
