@@ -259,7 +259,8 @@ def render() -> str:
         options_of(TargetedPruning),
         "`target_shape` takes any of "
         + ", ".join(f"`{k}`" for k in TARGET_KEYS)
-        + "; omitted dimensions are kept and every dimension that shrinks gets its gates. "
+        + " (`head_dim` only to restate the source's: it is never pruned); omitted dimensions "
+        "are kept and every dimension that shrinks gets its gates. "
         "Bad targets (larger than the source, heads not divisible by kv heads, a changed "
         "`head_dim`, zero sizes, unknown keys, a target equal to the source) stop the run at "
         "`INIT`, before the first step. Logged every step: "
