@@ -108,7 +108,10 @@ class _Undocumented:
 def test_the_generator_reads_new_names_and_refuses_undocumented_ones():
     gen = _generator()
     rows = gen.options_of(_Documented)
-    assert [(r.name, r.default) for r in rows] == [("save_interval", "`null`"), ("precision", "`auto`")]
+    assert [(r.name, r.default) for r in rows] == [
+        ("save_interval", "`null`"),
+        ("precision", "`auto`"),
+    ]
     assert rows[1].meaning == "Dtype of the written weights."
     with pytest.raises(gen.DocError, match="'precision' has no Args: entry"):
         gen.options_of(_Undocumented)
