@@ -228,12 +228,8 @@ def cli_section(parser: argparse.ArgumentParser) -> list[str]:
                 arg = f"`{(action.metavar or action.dest).upper()}`"
             text = markdown(action.help or "")
             if action.choices:
-                text += (
-                    (" " if text else "")
-                    + "One of "
-                    + ", ".join(f"`{c}`" for c in action.choices)
-                    + "."
-                )
+                choices = ", ".join(f"`{c}`" for c in action.choices)
+                text += ("; " if text else "") + f"choices: {choices}"
             out.append(f"| {arg} | {cli_default(action)} | {text} |")
         out.append("")
     return out
