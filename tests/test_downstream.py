@@ -251,9 +251,9 @@ def test_stderr_and_mean():
     assert table.splitlines()[-1] == "| **mean of 2** |  | **0.625 ± 0.061** | n/a |"
 
 
-def test_licence_table_is_in_the_readme_and_flags_non_commercial_data():
+def test_licence_table_is_in_the_docs_and_flags_non_commercial_data():
     table = licence_table()
-    assert table in (REPO / "README.md").read_text(encoding="utf-8")
+    assert table in (REPO / "docs" / "downstream.md").read_text(encoding="utf-8")
     assert "| `sciq` |" in table and "CC BY-NC 3.0" in table
     sciq_row = next(line for line in table.splitlines() if line.startswith("| `sciq`"))
     assert "**no**" in sciq_row
