@@ -1,0 +1,199 @@
+"""A target by parameter budget: enumerate the shapes under it, score their one-shot cuts.
+
+Users think in parameters ("a 3B model"), the method needs a shape. :func:`candidate_shapes`
+lists every uniform shape of the source's family under a budget (GQA-valid, widths in
+GPU-friendly multiples, the layer counts the family can prune), keeps the largest ones per
+depth, and :func:`search_shape` scores each by the loss of its one-shot importance cut on
+held-out calibration batches — one importance pass over the source, then a forward pass per
+candidate — and returns the table and the winner. NVIDIA's Minitron pruning (Model Optimizer)
+scores candidates the same way, without training; a short CPT of the top few is the natural
+next step and is left to the caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from composer_shear.export.oneshot import keep_masks_from_scores
+from composer_shear.export.surgery import plan_from_masks, prune_model
+from composer_shear.families import get_family
+from composer_shear.pruning.importance import Importance, unit_scores
+from composer_shear.shape import ModelShape, ShapeError
+
+__all__ = ["TABLE_HEADER", "Candidate", "candidate_shapes", "cut_loss", "search_shape"]
+
+
+@dataclass
+class Candidate:
+    """One candidate shape and, once scored, the loss of its one-shot cut."""
+
+    shape: ModelShape
+    params: int
+    loss: float | None = None
+
+    def row(self) -> str:
+        """One line of the search table."""
+        s = self.shape
+        loss = "-" if self.loss is None else f"{self.loss:.4f}"
+        return (
+            f"{s.num_hidden_layers:>6} {s.hidden_size:>6} {s.num_attention_heads:>5} "
+            f"{s.num_key_value_heads:>4} {s.intermediate_size:>7} {self.params:>15,} {loss:>8}"
+        )
+
+
+TABLE_HEADER = (
+    f"{'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>4} {'interm.':>7} {'params':>15} {'loss':>8}"
+)
+
+
+def candidate_shapes(
+    source: ModelShape,
+    budget: int,
+    non_embedding: bool = False,
+    width_multiple: int = 64,
+    slack: float = 0.03,
+    per_depth: int = 3,
+    min_depth_fraction: float = 0.5,
+) -> list[Candidate]:
+    """The uniform shapes of ``source``'s family under ``budget`` parameters, largest first.
+
+    Args:
+        source: The source model's shape.
+        budget: Parameter budget (total, or non-embedding with ``non_embedding``).
+        non_embedding: Count parameters outside the embedding and LM head only.
+        width_multiple: Hidden and intermediate sizes are multiples of this (tensor cores).
+        slack: Keep shapes within this fraction below the budget (smaller ones waste it).
+        per_depth: Keep at most this many shapes per layer count (the largest).
+        min_depth_fraction: The shallowest depth tried, as a fraction of the source's layers.
+
+    Raises:
+        ShapeError: No valid shape fits the budget.
+    """
+    if budget <= 0:
+        raise ShapeError(f"the parameter budget must be positive, got {budget}")
+    fixed = dict(source.fixed)
+
+    def sizes(top: int) -> list[int]:
+        # Multiples of width_multiple from a quarter of the source up (a smaller cut keeps
+        # too little of the source to be worth pruning), and the source size itself.
+        start = max(width_multiple, math.ceil(top / 4 / width_multiple) * width_multiple)
+        return sorted({top, *range(start, top, width_multiple)})
+
+    depths = (
+        [source.num_hidden_layers]
+        if "num_hidden_layers" in fixed
+        else range(
+            math.ceil(source.num_hidden_layers * min_depth_fraction), source.num_hidden_layers + 1
+        )
+    )
+    hiddens = [source.hidden_size] if "hidden_size" in fixed else sizes(source.hidden_size)
+    inters = (
+        [source.intermediate_size]
+        if "intermediate_size" in fixed
+        else sizes(source.intermediate_size)
+    )
+    # Attention layouts: drop whole kv groups (the source's query heads per group), or query
+    # heads within every group; never below a quarter of the source's query heads.
+    min_heads = math.ceil(source.num_attention_heads / 4)
+    attention = {
+        (kv * source.heads_per_group, kv) for kv in range(1, source.num_key_value_heads + 1)
+    } | {
+        (source.num_key_value_heads * group, source.num_key_value_heads)
+        for group in range(1, source.heads_per_group + 1)
+    }
+    attention = {(heads, kv) for heads, kv in attention if heads >= min_heads}
+    count = ModelShape.num_non_embedding_params if non_embedding else ModelShape.num_params
+    by_depth: dict[int, list[Candidate]] = {}
+    for depth, hidden, inter, (heads, kv) in itertools.product(depths, hiddens, inters, attention):
+        target = {
+            "num_hidden_layers": depth,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+        }
+        try:
+            shape = source.resolve_target(target)
+        except ShapeError:
+            continue  # a dimension the family cannot prune, or an invalid attention layout
+        params = count(shape)
+        if (1 - slack) * budget <= params <= budget:
+            by_depth.setdefault(depth, []).append(Candidate(shape, params))
+    if not by_depth:
+        raise ShapeError(
+            f"no shape of this source fits {budget:,} parameters within {slack:.0%} (source "
+            f"{count(source):,}); lower the budget's precision (slack) or the width multiple"
+        )
+    kept = []
+    for depth in sorted(by_depth, reverse=True):
+        # Per depth, the largest shapes, one per hidden size (the trade-offs worth scoring are
+        # between widths); among equal sizes prefer more query heads (closest to the source).
+        ranked = sorted(
+            by_depth[depth],
+            key=lambda c: (c.params, c.shape.num_attention_heads),
+            reverse=True,
+        )
+        widths: set[int] = set()
+        for candidate in ranked:
+            if candidate.shape.hidden_size not in widths and len(widths) < per_depth:
+                widths.add(candidate.shape.hidden_size)
+                kept.append(candidate)
+    return kept
+
+
+@torch.no_grad()
+def cut_loss(
+    model: nn.Module, target: ModelShape, importance: Importance, batches: Sequence[Any]
+) -> float:
+    """Mean LM loss on ``batches`` of ``model`` cut one-shot to ``target`` by ``importance``."""
+    source = get_family(model).shape(model.config)
+    keep = keep_masks_from_scores(unit_scores(importance, source), source, target)
+    compact = prune_model(model, plan=plan_from_masks(source, target, keep)).eval()
+    losses = [float(compact(input_ids=b, labels=b).loss) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def search_shape(
+    model: nn.Module,
+    budget: int,
+    importance: Importance,
+    batches: Sequence[Any],
+    non_embedding: bool = False,
+    max_candidates: int = 12,
+    **candidate_options: Any,
+) -> tuple[Candidate, list[Candidate]]:
+    """Scores the candidate shapes under ``budget`` by their one-shot cut's loss.
+
+    Args:
+        model: The source Hugging Face causal LM (eval mode is set).
+        budget: Parameter budget.
+        importance: Activation (or Taylor) importance of the source's units, measured on
+            calibration batches other than ``batches``.
+        batches: Held-out batches the cuts are scored on.
+        non_embedding: The budget counts non-embedding parameters.
+        max_candidates: Score at most this many (spread over depths, deepest first).
+        **candidate_options: Passed to :func:`candidate_shapes`.
+
+    Returns:
+        The winner and every scored candidate (lowest loss first).
+    """
+    model.eval()
+    source = get_family(model).shape(model.config)
+    candidates = candidate_shapes(source, budget, non_embedding, **candidate_options)
+    # Spread the scoring over the depths: every depth's largest shape, then the second ...
+    per_depth: dict[int, list[Candidate]] = {}
+    for candidate in candidates:  # largest first within a depth
+        per_depth.setdefault(candidate.shape.num_hidden_layers, []).append(candidate)
+    columns = itertools.zip_longest(*per_depth.values())
+    candidates = [c for row in columns for c in row if c is not None][:max_candidates]
+    for candidate in candidates:
+        candidate.loss = cut_loss(model, candidate.shape, importance, batches)
+    scored = sorted(candidates, key=lambda c: c.loss)
+    return scored[0], scored
