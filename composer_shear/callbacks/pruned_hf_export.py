@@ -193,9 +193,11 @@ class PrunedHFExport(Callback):
             # Sharded: rebuild an unsharded CPU copy from the gathered state dict.
             if not all(key.startswith(MODEL_PREFIX) for key in weights):
                 raise RuntimeError("unexpected state dict layout (keys without 'model.')")
-            target = find_gates(hf_model).target.config_updates()
+            gates = find_gates(hf_model)
             weights = {key[len(MODEL_PREFIX) :]: value for key, value in weights.items()}
-            hf_model = gated_model_from_weights(hf_model.config, weights, target)
+            hf_model = gated_model_from_weights(
+                hf_model.config, weights, gates.target.config_updates(), binary=gates.binary
+            )
         tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
         summary = export_model(
             hf_model, folder, tokenizer, overwrite=self.overwrite, dtype=self.dtype

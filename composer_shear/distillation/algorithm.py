@@ -45,6 +45,7 @@ __all__ = [
     "KnowledgeDistillation",
     "add_distillation_loss",
     "forward_kl",
+    "logits_of",
     "predicted_positions",
 ]
 
@@ -231,7 +232,12 @@ def add_distillation_loss(
     raise TypeError(f"knowledge_distillation cannot combine with a {type(loss)} loss.")
 
 
-def _logits_of(outputs: Any) -> torch.Tensor:
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits of a Hugging Face causal LM output (attribute or mapping key).
+
+    Raises:
+        TypeError: ``outputs`` holds no logits tensor.
+    """
     logits = getattr(outputs, "logits", None)
     if logits is None and isinstance(outputs, Mapping):
         logits = outputs.get("logits")
@@ -404,7 +410,7 @@ class KnowledgeDistillation(Algorithm):
         log.info("knowledge_distillation: teacher placed on %s: %s", device, placement)
 
     def _add_kd(self, state: State) -> None:
-        student = _logits_of(state.outputs)
+        student = logits_of(state.outputs)
         with get_precision_context(state.precision, state.precision_config):
             teacher = teacher_forward(self.teacher, state.batch)
         mask = predicted_positions(state.batch, student.shape[1])

@@ -222,13 +222,23 @@ def gated_model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in model_state.items()}
     if not any(k.startswith(f"{GATES_ATTR}.") for k in weights):
         raise ExportError(f"{checkpoint['_path']} holds no gate parameters.")
+    # Mask-only runs (freeze_weights) export the source weights cut at the learned units,
+    # with no gate value folded in: the gates are rebuilt binary, as they were in the run.
     return gated_model_from_weights(
-        config, weights, pruning["target_shape"], seed=pruning.get("seed", 0)
+        config,
+        weights,
+        pruning["target_shape"],
+        seed=pruning.get("seed", 0),
+        binary=bool(pruning.get("freeze_weights", False)),
     )
 
 
 def gated_model_from_weights(
-    config: Any, weights: dict[str, torch.Tensor], target_shape: dict[str, int], seed: int = 0
+    config: Any,
+    weights: dict[str, torch.Tensor],
+    target_shape: dict[str, int],
+    seed: int = 0,
+    binary: bool = False,
 ) -> nn.Module:
     """Builds the gated Hugging Face model of ``config`` from a full state dict, strictly.
 
@@ -238,6 +248,8 @@ def gated_model_from_weights(
             under ``shear_gates.``); used in place (``assign``), not copied.
         target_shape: The pruning target the gates were built for.
         seed: Seed of the gates' initial noise (irrelevant: every gate tensor is loaded).
+        binary: 0/1 deterministic gates, nothing folded at export (a mask-only run's gates,
+            ``targeted_pruning`` ``freeze_weights``).
 
     Raises:
         ExportError: A tensor is missing, unexpected or of the wrong shape.
@@ -262,7 +274,7 @@ def gated_model_from_weights(
     if config.tie_word_embeddings:
         model.tie_weights()
     # The initial values do not matter: every gate tensor is overwritten by the strict load.
-    gates = attach_gates(model, dict(target_shape), seed=seed)
+    gates = attach_gates(model, dict(target_shape), seed=seed, binary=binary)
     _strict_load(gates, gate_state, "gate state")
     return model.eval()
 
@@ -356,7 +368,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="write the pruned model of a targeted_pruning checkpoint as a HF directory",
         description=(
             "Apply the deterministic masks of a targeted_pruning Composer checkpoint, fold the "
-            "gate values into the weights, slice, and write a standard Hugging Face directory "
+            "gate values into the weights (not for a mask-only run, freeze_weights: its source "
+            "weights are cut as they are), slice, and write a standard Hugging Face directory "
             "(config, safetensors, tokenizer, generation config)."
         ),
     )

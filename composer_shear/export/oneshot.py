@@ -1,8 +1,11 @@
 r"""One-shot structured pruning: keep the most important units, no training.
 
-Importance comes from activations on a few calibration batches
-(:mod:`composer_shear.pruning.importance`, Minitron / ShortGPT style), or at random (a
-baseline). The
+Importance comes from a few calibration batches (:mod:`composer_shear.pruning.importance`):
+activation magnitude (``activation``, Minitron / ShortGPT style), or first-order Taylor
+importance ``|activation x gradient|`` of the calibration loss (``taylor``, as LLM-Pruner
+scores structures); or at random (a baseline). Layers are scored by each method's own
+measure (block influence ``1 - cos(layer input, output)`` for ``activation``, the Taylor score
+for ``taylor``) unless ``layer_score`` picks the other. The
 kept units go through the *same* surgery as learned gates
 (:func:`composer_shear.export.surgery.plan_from_masks`), so a one-shot model and a learned one are
 sliced by one code path and load the same way.
@@ -16,6 +19,8 @@ Command line::
 
     composer-shear prune-oneshot SOURCE OUT --data DATA_DIR --target-shape \
         num_hidden_layers=24,hidden_size=512,num_attention_heads=6,intermediate_size=1152
+    composer-shear prune-oneshot SOURCE OUT --data DATA_DIR --method taylor \
+        --layer-score block_influence --batch-size 2 --target-shape ...
     composer-shear prune-oneshot SOURCE OUT --units PRUNED_DIR   # another run's unit choice
 """
 
@@ -26,7 +31,7 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from composer_shear.pruning.gates import top_k_mask
 from composer_shear.pruning.importance import (
     Importance,
     collect_importance,
+    collect_taylor_importance,
     random_importance,
     unit_scores,
 )
@@ -50,6 +56,7 @@ from composer_shear.pruning.masking import gate_specs
 from composer_shear.shape import TARGET_KEYS, ModelShape, ShapeError
 
 __all__ = [
+    "LAYER_SCORES",
     "METHODS",
     "OneshotSummary",
     "keep_masks_from_scores",
@@ -60,7 +67,10 @@ __all__ = [
     "register_cli",
 ]
 
-METHODS = ("activation", "random")
+METHODS = ("activation", "taylor", "random")
+# How layers are ranked; default: the method's own measure (NATIVE_LAYER_SCORE).
+LAYER_SCORES = ("block_influence", "taylor")
+NATIVE_LAYER_SCORE = {"activation": "block_influence", "taylor": "taylor"}
 
 
 def keep_masks_from_scores(
@@ -96,6 +106,7 @@ def prune_oneshot(
     batches: Iterable[Any] | None = None,
     method: str = "activation",
     seed: int = 0,
+    layer_score: str | None = None,
 ) -> nn.Module:
     """Returns the compact model that keeps the most important units of ``model``.
 
@@ -103,23 +114,43 @@ def prune_oneshot(
         model: A Hugging Face causal LM of a supported family (eval mode is set).
         target_shape: The shape to reach (keys of :data:`composer_shear.shape.TARGET_KEYS`).
         batches: Calibration batches (``input_ids`` tensors or dicts); needed for
-            ``activation``.
-        method: ``activation`` (importance from activations) or ``random``.
+            ``activation`` and ``taylor``.
+        method: ``activation`` (activation magnitude), ``taylor`` (first-order Taylor
+            importance, one backward pass per batch) or ``random``.
         seed: Seed of ``random``.
+        layer_score: ``block_influence`` or ``taylor`` ranks the layers; default the
+            method's own (see :data:`NATIVE_LAYER_SCORE`).
     """
     model.eval()
-    importance = _importance(model, batches, method, seed)
+    importance = _importance(model, batches, method, seed, layer_score)
     return prune_model(model, plan=oneshot_plan(model, target_shape, importance))
 
 
-def _importance(model: nn.Module, batches: Any, method: str, seed: int) -> Importance:
+def _check_method(method: str, layer_score: str | None) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if layer_score is not None:
+        if layer_score not in LAYER_SCORES:
+            raise ValueError(f"layer score must be one of {LAYER_SCORES}, got {layer_score!r}")
+        if method == "random":
+            raise ValueError("a layer score applies to activation and taylor, not random")
+
+
+def _importance(
+    model: nn.Module, batches: Any, method: str, seed: int, layer_score: str | None = None
+) -> Importance:
+    _check_method(method, layer_score)
     if method == "random":
         return random_importance(get_family(model).shape(model.config), seed)
-    if method != "activation":
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batches is None:
-        raise ValueError("activation importance needs calibration batches")
-    return collect_importance(model, batches)
+        raise ValueError(f"{method} importance needs calibration batches")
+    collect = {"activation": collect_importance, "taylor": collect_taylor_importance}
+    importance = collect[method](model, batches)
+    if layer_score is not None and layer_score != NATIVE_LAYER_SCORE[method]:
+        # The other method's layer ranking: one more pass, only its layer scores are kept.
+        other = "activation" if layer_score == "block_influence" else "taylor"
+        importance = replace(importance, layers=collect[other](model, batches).layers)
+    return importance
 
 
 # -- calibration data ------------------------------------------------------------------------
@@ -181,6 +212,7 @@ def prune_oneshot_to_dir(
     data: str | Path | None = None,
     units: str | Path | None = None,
     method: str = "activation",
+    layer_score: str | None = None,
     calibration_tokens: int = 65536,
     max_seq_len: int = 2048,
     batch_size: int = 8,
@@ -196,10 +228,13 @@ def prune_oneshot_to_dir(
         source: Hugging Face model directory (or hub id) of the source model.
         out_dir: Output directory (must be empty or absent unless ``overwrite``).
         target_shape: The shape to reach; may be omitted when ``units`` gives the units.
-        data: ``DATA/<domain>/train`` MDS folders for calibration (``activation`` only).
+        data: ``DATA/<domain>/train`` MDS folders for calibration (``activation`` and
+            ``taylor``).
         units: A pruned model directory whose kept-units record decides the cut instead of
             scores (another run's unit choice, cut from these weights).
-        method: ``activation`` or ``random`` (ignored with ``units``).
+        method: ``activation``, ``taylor`` or ``random`` (ignored with ``units``).
+        layer_score: ``block_influence`` or ``taylor`` ranks the layers (default: the
+            method's own; ignored with ``units``).
         calibration_tokens: Calibration tokens (rounded up to whole batches).
         max_seq_len: Tokens per calibration sequence.
         batch_size: Sequences per calibration batch.
@@ -210,17 +245,20 @@ def prune_oneshot_to_dir(
     Raises:
         ShapeError: Bad target, or a ``units`` record that does not fit ``source``.
         ExportError: ``out_dir`` cannot be written.
-        ValueError: Missing ``data`` for ``activation``, an unknown method.
+        ValueError: Missing ``data`` for ``activation`` / ``taylor``, an unknown method or
+            layer score.
     """
     start = time.perf_counter()
-    method = "units" if units else method
+    if units:
+        method, layer_score = "units", None
+    else:
+        _check_method(method, layer_score)
     if target_shape is None and not units:
         raise ValueError("a target shape is required (unless units gives the units)")
-    if method not in (*METHODS, "units"):
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_out_dir(Path(out_dir), overwrite)
-    if method == "activation" and data is None:
-        raise ValueError("calibration data (--data) is required for method activation")
+    calibrated = method in NATIVE_LAYER_SCORE
+    if calibrated and data is None:
+        raise ValueError(f"calibration data (--data) is required for method {method}")
     record = read_kept_units(units) if units else None
     print(f"loading {source}", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32)
@@ -239,7 +277,7 @@ def prune_oneshot_to_dir(
     else:
         source_shape.resolve_target(dict(target_shape))  # a bad target fails before calibration
     batches = None
-    if method == "activation":
+    if calibrated:
         batches = calibration_batches(
             data,
             calibration_tokens,
@@ -251,7 +289,8 @@ def prune_oneshot_to_dir(
         n_tokens = sum(b.numel() for b in batches)
         print(f"calibrating on {len(batches)} batches ({n_tokens:,} tokens)", flush=True)
     if record is None:
-        plan = oneshot_plan(model, target_shape, _importance(model, batches, method, seed))
+        importance = _importance(model, batches, method, seed, layer_score)
+        plan = oneshot_plan(model, target_shape, importance)
     compact = prune_model(model, plan=plan)
     n_tokens = 0 if batches is None else sum(b.numel() for b in batches)
     info = {
@@ -263,6 +302,8 @@ def prune_oneshot_to_dir(
         "calibration_tokens": n_tokens,
         "seed": seed,
     }
+    if calibrated:
+        info["layer_score"] = layer_score or NATIVE_LAYER_SCORE[method]
     if record is not None:
         info["units_from"] = str(units)
     written = write_hf_directory(
@@ -286,6 +327,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             data=args.data,
             units=args.units,
             method=args.method,
+            layer_score=args.layer_score,
             calibration_tokens=args.calibration_tokens,
             max_seq_len=args.max_seq_len,
             batch_size=args.batch_size,
@@ -304,7 +346,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``composer-shear prune-oneshot``."""
     parser = subparsers.add_parser(
         "prune-oneshot",
-        help="one-shot structured pruning by activation importance (no training)",
+        help="one-shot structured pruning by importance scores (no training)",
         description=(
             "Keep the most important layers, kv groups, query heads, MLP units and hidden "
             "channels of a Hugging Face model for a target shape, scored on calibration batches "
@@ -321,12 +363,48 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "num_key_value_heads=2,intermediate_size=1152 (or a JSON object); required unless "
         "--units is given",
     )
-    parser.add_argument("--data", help="DATA/<domain>/train MDS folders (composer-shear tokenize)")
+    parser.add_argument(
+        "--data",
+        help="DATA/<domain>/train MDS folders (composer-shear tokenize); required for the "
+        "activation and taylor methods",
+    )
     parser.add_argument("--domains", nargs="+", help="domains to calibrate on (default: all)")
-    parser.add_argument("--calibration-tokens", type=int, default=65536)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--method", choices=METHODS, default="activation")
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=65536,
+        help="calibration tokens, rounded up to whole batches (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=2048,
+        help="tokens per calibration sequence (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sequences per calibration batch (taylor keeps one batch's activations and "
+        "logits for its backward pass: lower it for large models; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="activation",
+        help="how units are scored: activation = mean activation magnitude (Minitron); "
+        "taylor = |activation x gradient| of the calibration loss summed per unit, first-order "
+        "Taylor (LLM-Pruner), one backward pass per batch, no weight gradients; random = a "
+        "baseline (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--layer-score",
+        choices=LAYER_SCORES,
+        default=None,
+        help="how layers are ranked: block_influence = 1 - cos(layer input, layer output) "
+        "(Minitron / ShortGPT), taylor = the Taylor score of the layer's residual update; "
+        "default: the method's own (activation: block_influence, taylor: taylor)",
+    )
     parser.add_argument(
         "--units",
         metavar="PRUNED_DIR",
@@ -334,7 +412,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "composer_shear_kept_units.json, from `export` or `prune-oneshot`) instead of scoring "
         "them: e.g. a learned route's choice cut from the unpruned weights; no --data needed",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the calibration pick and of random (default: %(default)s)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.set_defaults(func=_run_cli)
     return parser

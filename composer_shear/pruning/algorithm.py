@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from composer_shear.data.calibration import calibration_batches
 from composer_shear.data.mixer import find_multi_domain_dataset
+from composer_shear.distillation.algorithm import KnowledgeDistillation
 from composer_shear.pruning.gates import (
     LOG_ALPHA_MAX,
     LOG_ALPHA_MIN,
@@ -29,6 +30,12 @@ from composer_shear.pruning.gates import (
     check_log_alpha_range,
 )
 from composer_shear.pruning.importance import Importance, collect_importance, unit_scores
+from composer_shear.pruning.mask_only import (
+    OBJECTIVES,
+    add_source_distillation,
+    freeze_source_weights,
+    source_logits,
+)
 from composer_shear.pruning.masking import (
     EVAL_MODES,
     INIT_BAND_HALF_WIDTH,
@@ -123,6 +130,7 @@ def apply_targeted_pruning(
     eval_at: str = "expected",
     seed: int = 0,
     log_alpha_range: tuple[float, float] = (LOG_ALPHA_MIN, LOG_ALPHA_MAX),
+    freeze_weights: bool = False,
 ) -> ShearGates:
     """Injects hard-concrete gates for ``target_shape`` into ``model`` (in place).
 
@@ -137,6 +145,8 @@ def apply_targeted_pruning(
             or at the ``target`` shape (what export writes).
         seed: Seed of the gates' initial noise; identical on every rank.
         log_alpha_range: Clamp range of log-alpha (default: the paper's ``[log 1e-2, log 1e2]``).
+        freeze_weights: Mask-only pruning (:mod:`composer_shear.pruning.mask_only`): freeze
+            every weight of the model and make the deterministic gates binary.
 
     Returns:
         The attached :class:`~composer_shear.pruning.masking.ShearGates`.
@@ -149,7 +159,11 @@ def apply_targeted_pruning(
         seed=seed,
         eval_at=eval_at,
         log_alpha_range=log_alpha_range,
+        binary=freeze_weights,
     )
+    if freeze_weights:
+        frozen = freeze_source_weights(hf_model, gates)
+        log.info("targeted_pruning: mask-only, %d weights frozen", frozen)
     if optimizers is not None:
         for optimizer in optimizers if isinstance(optimizers, list | tuple) else [optimizers]:
             add_gate_param_groups(optimizer, gates, gate_lr, lambda_lr)
@@ -330,6 +344,29 @@ class TargetedPruning(Algorithm):
             the gate and multiplier groups like every group, so a warm-up or cosine decay
             slows the constraint too. False: they keep ``gate_lr`` / ``-lambda_lr`` at every
             step, whatever the weights' schedule.
+        freeze_weights: True: *mask-only* pruning (:mod:`composer_shear.pruning.mask_only`).
+            Every weight is frozen at INIT (``requires_grad`` False: no weight gradient, no
+            optimizer state for the weights); only the gates and multipliers train. Every
+            deterministic gate is then 0/1 (evaluation, hardening, export), so the export
+            (``pruned_hf_export``, ``composer-shear export``) is the source weights cut at the
+            learned units, nothing folded: what ``prune-oneshot --units`` cuts. Nothing trains
+            once the gates are hardened, so ``harden_at`` marks where the search ends (the rest
+            of the run only evaluates the cut); the export takes the same top-k either way.
+            Under FSDP1 it needs ``use_orig_params: true`` (Composer's default).
+        objective: With ``freeze_weights``: ``lm`` (default), the gated model's LM loss; or
+            ``distill``, the forward KL from the source model, whose logits come from an extra
+            forward of the same frozen model with the gates bypassed (no teacher copy; do not
+            add ``knowledge_distillation``). Logged as ``loss/train/{lm,kd,total}``.
+
+    Mask-only YAML::
+
+        targeted_pruning:
+          target_shape: {...}
+          freeze_weights: true
+          objective: distill
+          init: activation
+          gate_lr: 0.3
+          harden_at: 0.95dur
     """
 
     def __init__(
@@ -349,7 +386,21 @@ class TargetedPruning(Algorithm):
         harden_at: str | int | None = None,
         landing_eval_batches: int = 1,
         schedule_gates: bool = True,
+        freeze_weights: bool = False,
+        objective: str = "lm",
     ):
+        if objective not in OBJECTIVES:
+            raise ValueError(
+                f"targeted_pruning.objective must be one of {OBJECTIVES}, got {objective!r}."
+            )
+        if objective != "lm" and not freeze_weights:
+            raise ValueError(
+                "targeted_pruning.objective: distill needs freeze_weights: true (the frozen "
+                "model is the teacher); to distil into trained weights use the "
+                "knowledge_distillation algorithm."
+            )
+        self.freeze_weights, self.objective = bool(freeze_weights), objective
+        self._teacher_logits: torch.Tensor | None = None
         self.schedule_gates = bool(schedule_gates)
         self.target_shape = _validate_target(target_shape)
         self.harden_at = _parse_time("harden_at", harden_at)
@@ -405,6 +456,7 @@ class TargetedPruning(Algorithm):
             Event.AFTER_LOAD,
             Event.FIT_START,
             Event.BATCH_START,
+            Event.BEFORE_FORWARD,
             Event.AFTER_LOSS,
             Event.BATCH_END,
             Event.EVAL_AFTER_ALL,
@@ -414,6 +466,13 @@ class TargetedPruning(Algorithm):
         """See the class docstring for what happens at each event."""
         if event == Event.INIT:
             _check_activation_checkpointing(state)
+            if self.objective == "distill" and any(
+                isinstance(a, KnowledgeDistillation) for a in state.algorithms
+            ):
+                raise ValueError(
+                    "targeted_pruning objective: distill already distils from the source; "
+                    "remove the knowledge_distillation algorithm."
+                )
             self.gates = apply_targeted_pruning(
                 state.model,
                 self.target_shape,
@@ -424,6 +483,7 @@ class TargetedPruning(Algorithm):
                 eval_at=self.eval_at,
                 seed=self.seed,
                 log_alpha_range=self.log_alpha_range,
+                freeze_weights=self.freeze_weights,
             )
             return
         gates = self.gates if self.gates is not None else find_gates(state.model)
@@ -448,7 +508,13 @@ class TargetedPruning(Algorithm):
         elif event == Event.EVAL_AFTER_ALL:
             if self.landing_eval_batches > 0:
                 self._log_landing(state, gates, logger)
+        elif event == Event.BEFORE_FORWARD:
+            if self.objective == "distill":
+                self._teacher_logits = source_logits(state, gates)
         elif event == Event.AFTER_LOSS:
+            if self.objective == "distill":
+                add_source_distillation(state, self._teacher_logits)
+                self._teacher_logits = None
             self._add_penalty(state, gates)
         elif event == Event.BATCH_END:
             gates.clamp_()
@@ -614,6 +680,8 @@ class TargetedPruning(Algorithm):
             "log_alpha_range": list(self.log_alpha_range),
             "initialized": self._initialized,
             "hardened": bool(self.gates is not None and self.gates.hardened),
+            "freeze_weights": self.freeze_weights,
+            "objective": self.objective,
         }
         if self.gates is not None:
             state["resolved_target"] = self.gates.target.config_updates()
@@ -627,6 +695,11 @@ class TargetedPruning(Algorithm):
             raise ShapeError(
                 f"The checkpoint was pruned toward {saved}, but this run's target_shape is "
                 f"{self.target_shape}; resume with the same target."
+            )
+        if bool(state.get("freeze_weights", False)) != self.freeze_weights:
+            raise ValueError(
+                f"The checkpoint was written with freeze_weights={not self.freeze_weights}; "
+                "resume with the same setting (it decides what trains and what export writes)."
             )
         # Gates come from the checkpoint: never re-initialise them from importance.
         self._initialized = bool(state.get("initialized", True))

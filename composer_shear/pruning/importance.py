@@ -15,6 +15,17 @@ hidden channel         ``|x|`` of every hidden-sized RMSNorm output (every norm 
 layer                  block influence ``1 - cos(layer input, layer output)``
 =====================  ================================================================
 
+:func:`collect_taylor_importance` scores the same units by first-order Taylor expansion of the
+calibration loss instead (LLM-Pruner, Ma et al., 2023, scores structures this way): a unit
+whose output ``a`` is scaled by a gate ``z`` (1 in the unpruned model) changes the loss by
+about ``-dL/dz = -sum(a * dL/da)`` when it is removed, so its score is
+``|sum over calibration tokens of a * dL/da|``: of the head's slice of ``o_proj``'s input, of
+the unit's ``down_proj`` input, of the channel in every hidden-sized norm output, and for a
+layer of its residual update ``out - in``. Unlike activation magnitude it sees what the rest
+of the network does with a unit's output (a unit with a modest activation whose output
+projection is large and load-bearing scores high). It needs one backward pass per batch
+through the frozen model (no weight gradients).
+
 Scores are laid out like the gates of :class:`~composer_shear.pruning.masking.ShearGates` (see
 :func:`unit_scores`), so one-shot pruning keeps the top units of every row and gate
 initialisation ranks the same units the same way. Sums are all-reduced across ranks, so
@@ -35,7 +46,13 @@ from torch import nn
 from composer_shear.families import get_family
 from composer_shear.shape import ModelShape
 
-__all__ = ["Importance", "collect_importance", "random_importance", "unit_scores"]
+__all__ = [
+    "Importance",
+    "collect_importance",
+    "collect_taylor_importance",
+    "random_importance",
+    "unit_scores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +74,9 @@ class Importance:
     intermediate: torch.Tensor
     hidden: torch.Tensor
     tokens: int
+
+    # The per-unit fields, in order.
+    UNITS = ("layers", "heads", "intermediate", "hidden")
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
@@ -187,6 +207,136 @@ def collect_importance(
         hidden=means["hidden"],
         tokens=tokens,
     )
+
+
+def collect_taylor_importance(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss: Callable[[Any], torch.Tensor] | None = None,
+    hf_model: nn.Module | None = None,
+) -> Importance:
+    """First-order Taylor importance ``|sum a * dL/da|`` of every unit (see the module doc).
+
+    The gradient of the calibration loss (the mean of the per-batch losses) with respect to
+    a multiplicative gate on each unit, at the unpruned model, taken with every weight frozen
+    for the duration (``requires_grad`` is restored afterwards): the backward pass starts at
+    the embedding output and computes activation gradients only. Signed contributions are
+    summed over every token and batch (and across ranks) before the absolute value, so the
+    score estimates the change of the calibration loss itself.
+
+    Args:
+        model: A Hugging Face causal LM (or what ``loss`` calls).
+        batches: Calibration batches: ``input_ids`` tensors, or dicts with ``input_ids``.
+        loss: ``loss(batch)`` returns the scalar loss to differentiate (default: the causal
+            LM loss of the batch against itself, every position).
+        hf_model: The Hugging Face model whose modules are hooked (default: ``model``).
+
+    Returns:
+        Per-unit scores in the layout of :class:`Importance` (``layers`` is the Taylor score of
+        each layer, not block influence); ``tokens`` counts every rank's calibration tokens.
+    """
+    hf_model = model if hf_model is None else hf_model
+    family = get_family(hf_model)
+    source = family.shape(hf_model.config)
+    n_layers, n_heads, head_dim = (
+        source.num_hidden_layers,
+        source.num_attention_heads,
+        source.head_dim,
+    )
+    device = family.embedding(hf_model).weight.device
+    acc = {
+        "layers": torch.zeros(n_layers, dtype=torch.float64, device=device),
+        "heads": torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device),
+        "intermediate": torch.zeros(
+            n_layers, source.intermediate_size, dtype=torch.float64, device=device
+        ),
+        "hidden": torch.zeros(source.hidden_size, dtype=torch.float64, device=device),
+        "tokens": torch.zeros(1, dtype=torch.float64, device=device),
+        "batches": torch.zeros(1, dtype=torch.float64, device=device),
+    }
+    layer_inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def on_grad(x: torch.Tensor, add: Callable[[torch.Tensor], None]) -> None:
+        # a * dL/da summed over tokens, once the backward pass reaches a.
+        if x.requires_grad:
+            saved = x.detach()
+
+            def hook(grad: torch.Tensor) -> None:  # returns None: the gradient is unchanged
+                add((saved.double() * grad.double()).flatten(0, -2).sum(0))
+
+            x.register_hook(hook)
+
+    def embed_post(module, args, output):
+        # The weights are frozen: the graph (activation gradients only) starts here.
+        return output.detach().requires_grad_(True)
+
+    def add_hidden(module, args, output):
+        on_grad(_first(output), lambda s: acc["hidden"].add_(s))
+
+    handles.append(family.embedding(hf_model).register_forward_hook(embed_post))
+    for index, layer in enumerate(family.layer_list(hf_model)):
+        mods = family.layer_modules(layer)
+
+        def heads_pre(module, args, index=index):
+            def add(summed: torch.Tensor) -> None:  # (H * head_dim,) -> one score per head
+                acc["heads"][index].add_(summed.view(n_heads, head_dim).sum(-1))
+
+            on_grad(args[0], add)
+
+        def inter_pre(module, args, index=index):
+            on_grad(args[0], lambda s, i=index: acc["intermediate"][i].add_(s))
+
+        def layer_pre(module, args, kwargs, index=index):
+            layer_inputs[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        def layer_post(module, args, kwargs, output, index=index):
+            out = _first(output)
+            delta = (out.detach() - layer_inputs.pop(index)).double()
+
+            def hook(grad: torch.Tensor) -> None:  # returns None: the gradient is unchanged
+                acc["layers"][index].add_((delta * grad.double()).sum())
+
+            if out.requires_grad:
+                out.register_hook(hook)
+
+        handles += [
+            mods.o_proj.register_forward_pre_hook(heads_pre),
+            mods.down_proj.register_forward_pre_hook(inter_pre),
+            layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
+            layer.register_forward_hook(layer_post, with_kwargs=True),
+        ]
+        handles += [norm.register_forward_hook(add_hidden) for norm in mods.hidden_norms]
+    handles.append(family.final_norm_module(hf_model).register_forward_hook(add_hidden))
+
+    if loss is None:
+
+        def loss(batch):
+            ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    frozen = [(p, p.requires_grad) for p in hf_model.parameters()]
+    try:
+        for param, _ in frozen:
+            param.requires_grad_(False)
+        for batch in batches:
+            ids = batch["input_ids"] if isinstance(batch, dict) else batch
+            acc["tokens"] += ids.numel()
+            acc["batches"] += 1
+            with torch.enable_grad():
+                loss(batch).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, requires_grad in frozen:
+            param.requires_grad_(requires_grad)
+    _all_reduce_sum(list(acc.values()))
+    tokens, n_batches = int(acc["tokens"].item()), acc["batches"].item()
+    if tokens == 0:
+        raise ValueError("collect_taylor_importance: the calibration batches held no tokens.")
+    scores = {name: (acc[name] / n_batches).abs().float().cpu() for name in Importance.UNITS}
+    log.info("taylor importance: %d calibration tokens", tokens)
+    return Importance(**scores, tokens=tokens)
 
 
 def random_importance(source: ModelShape, seed: int = 0) -> Importance:

@@ -120,6 +120,10 @@ class ShearGates(nn.Module):
         seed: Seed of the initial symmetry-breaking noise.
         device: Allocation device (``meta`` under FSDP deferred init).
         log_alpha_range: Clamp range of every gate's log-alpha (default: the paper's).
+        binary: Deterministic gates (evaluation, hardening, export) are 0/1 in every
+            dimension, so the exported model is the source weights cut at the kept units
+            with no gate value folded in: mask-only pruning, where the weights are frozen and
+            never adapt to fractional gates. Default False: only hidden gates are binary.
     """
 
     def __init__(
@@ -130,9 +134,11 @@ class ShearGates(nn.Module):
         seed: int = 0,
         device: torch.device | str | None = None,
         log_alpha_range: tuple[float, float] = (LOG_ALPHA_MIN, LOG_ALPHA_MAX),
+        binary: bool = False,
     ):
         super().__init__()
         self.source, self.target = source, target
+        self.binary = bool(binary)
         self.gates = nn.ModuleDict()
         for name, (shape, keep) in gate_specs(source, target).items():
             self.gates[name] = HardConcreteGate(
@@ -194,9 +200,10 @@ class ShearGates(nn.Module):
             # At the expected shape every row keeps what it currently expects to keep (rows
             # may differ); at the target every row keeps exactly the target count.
             keep = gate.expected_keep_counts() if eval_at == "expected" else None
-            if name == "hidden":
+            if self.binary or name == "hidden":
                 # Binary: the residual stream feeds RMSNorms and, with tied embeddings, the
-                # embedding matrix doubles as lm_head, so no scale can be folded in here.
+                # embedding matrix doubles as lm_head, so no scale can be folded in here
+                # (and with `binary`, nothing is folded anywhere).
                 values[name] = gate.deterministic_keep_mask(keep).to(gate.log_alpha.dtype)
             else:
                 values[name] = gate.deterministic(keep)
@@ -297,7 +304,7 @@ class ShearGates(nn.Module):
         """
         for name, gate in self.gates.items():
             # Hidden gates are binary at eval and export (see deterministic_values).
-            gate.harden_(binary=name == "hidden")
+            gate.harden_(binary=self.binary or name == "hidden")
         self._eval_cache = None
 
     def lagrangian_penalty(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -551,6 +558,7 @@ def attach_gates(
     seed: int = 0,
     eval_at: str = "target",
     log_alpha_range: tuple[float, float] = (LOG_ALPHA_MIN, LOG_ALPHA_MAX),
+    binary: bool = False,
 ) -> ShearGates:
     """Adds gates for ``target_shape`` to a Hugging Face causal LM, in place.
 
@@ -567,6 +575,7 @@ def attach_gates(
             expected shape, per row: what is being trained; the released recipes'
             ``eval_target_model: false``, and the algorithm's default during pruning).
         log_alpha_range: Clamp range of the gates' log-alpha (default: the paper's).
+        binary: 0/1 deterministic gates in every dimension (see :class:`ShearGates`).
 
     Returns:
         The attached :class:`ShearGates`.
@@ -586,6 +595,7 @@ def attach_gates(
         seed=seed,
         device=device,
         log_alpha_range=log_alpha_range,
+        binary=binary,
     )
     gates.eval_at = eval_at
     gates.train(model.training)
