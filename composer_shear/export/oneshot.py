@@ -40,6 +40,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from composer_shear.data.calibration import calibration_batches
+from composer_shear.export.search import TABLE_HEADER, candidate_shapes, search_shape
 from composer_shear.export.surgery import PruningPlan, plan_from_masks, prune_model
 from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
 from composer_shear.export.writer import ExportError, check_out_dir, write_hf_directory
@@ -219,6 +220,8 @@ def prune_oneshot_to_dir(
     domains: Sequence[str] | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    target_params: int | None = None,
+    non_embedding: bool = False,
 ) -> OneshotSummary:
     """The one-shot pipeline: load a HF model, cut it, write the compact HF directory.
 
@@ -241,6 +244,10 @@ def prune_oneshot_to_dir(
         domains: Domains to calibrate on (default: all).
         seed: Seed of the calibration pick and of ``random``.
         overwrite: Replace a non-empty ``out_dir`` written by an earlier export.
+        target_params: A parameter budget instead of a shape: the uniform shapes under it
+            are scored by the loss of their cut on the data's eval split
+            (:func:`composer_shear.export.search.search_shape`) and the best is cut.
+        non_embedding: ``target_params`` counts non-embedding parameters.
 
     Raises:
         ShapeError: Bad target, or a ``units`` record that does not fit ``source``.
@@ -253,10 +260,14 @@ def prune_oneshot_to_dir(
         method, layer_score = "units", None
     else:
         _check_method(method, layer_score)
-    if target_shape is None and not units:
-        raise ValueError("a target shape is required (unless units gives the units)")
+    if target_params is not None and (target_shape is not None or units):
+        raise ValueError("give a target shape, a parameter budget or units, not several")
+    if target_shape is None and not units and target_params is None:
+        raise ValueError("a target shape or a parameter budget is required (or units)")
     check_out_dir(Path(out_dir), overwrite)
     calibrated = method in NATIVE_LAYER_SCORE
+    if target_params is not None and not calibrated:
+        raise ValueError(f"a parameter budget needs a calibrated method, not {method}")
     if calibrated and data is None:
         raise ValueError(f"calibration data (--data) is required for method {method}")
     record = read_kept_units(units) if units else None
@@ -274,8 +285,10 @@ def prune_oneshot_to_dir(
                 f"target shape {dict(target_shape)} differs from the shape of the units "
                 f"record ({plan.target.describe()})"
             )
-    else:
+    elif target_shape is not None:
         source_shape.resolve_target(dict(target_shape))  # a bad target fails before calibration
+    else:
+        candidate_shapes(source_shape, target_params, non_embedding)  # a budget too small fails
     batches = None
     if calibrated:
         batches = calibration_batches(
@@ -288,8 +301,33 @@ def prune_oneshot_to_dir(
         )
         n_tokens = sum(b.numel() for b in batches)
         print(f"calibrating on {len(batches)} batches ({n_tokens:,} tokens)", flush=True)
+    search = None
     if record is None:
         importance = _importance(model, batches, method, seed, layer_score)
+        if target_params is not None:
+            held_out = calibration_batches(
+                data,
+                calibration_tokens,
+                max_seq_len,
+                batch_size=batch_size,
+                domains=domains,
+                seed=seed,
+                split="eval",
+            )
+            print(f"scoring the shapes under {target_params:,} parameters", flush=True)
+            winner, search = search_shape(
+                source_shape,
+                target_params,
+                lambda shape: prune_model(
+                    model, plan=oneshot_plan(model, shape.config_updates(), importance)
+                ),
+                held_out,
+                non_embedding,
+            )
+            print(TABLE_HEADER)
+            for candidate in search:
+                print(candidate.row())
+            target_shape = winner.shape.config_updates()
         plan = oneshot_plan(model, target_shape, importance)
     compact = prune_model(model, plan=plan)
     n_tokens = 0 if batches is None else sum(b.numel() for b in batches)
@@ -306,6 +344,12 @@ def prune_oneshot_to_dir(
         info["layer_score"] = layer_score or NATIVE_LAYER_SCORE[method]
     if record is not None:
         info["units_from"] = str(units)
+    if search is not None:
+        info["target_params"] = target_params
+        info["non_embedding"] = non_embedding
+        info["search"] = [
+            {"shape": c.shape.config_updates(), "params": c.params, "loss": c.loss} for c in search
+        ]
     written = write_hf_directory(
         compact,
         out_dir,
@@ -334,6 +378,8 @@ def _run_cli(args: argparse.Namespace) -> int:
             domains=args.domains,
             seed=args.seed,
             overwrite=args.overwrite,
+            target_params=None if args.target_params is None else int(args.target_params),
+            non_embedding=args.non_embedding,
         )
     except (ShapeError, ValueError, FileNotFoundError, ExportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -362,6 +408,19 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="e.g. num_hidden_layers=24,hidden_size=512,num_attention_heads=6,"
         "num_key_value_heads=2,intermediate_size=1152 (or a JSON object); required unless "
         "--units is given",
+    )
+    parser.add_argument(
+        "--target-params",
+        type=float,
+        default=None,
+        help="a parameter budget instead of --target-shape (e.g. 80e6): the uniform shapes "
+        "under it are scored by the loss of their one-shot cut on the data's eval split, the "
+        "table is printed and the best is cut",
+    )
+    parser.add_argument(
+        "--non-embedding",
+        action="store_true",
+        help="--target-params counts parameters outside the embedding and LM head",
     )
     parser.add_argument(
         "--data",

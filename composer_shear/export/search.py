@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from composer_shear.export.oneshot import keep_masks_from_scores
-from composer_shear.export.surgery import plan_from_masks, prune_model
-from composer_shear.families import get_family
-from composer_shear.pruning.importance import Importance, unit_scores
 from composer_shear.shape import ModelShape, ShapeError
 
 __all__ = ["TABLE_HEADER", "Candidate", "candidate_shapes", "cut_loss", "search_shape"]
@@ -149,33 +145,30 @@ def candidate_shapes(
 
 
 @torch.no_grad()
-def cut_loss(
-    model: nn.Module, target: ModelShape, importance: Importance, batches: Sequence[Any]
-) -> float:
-    """Mean LM loss on ``batches`` of ``model`` cut one-shot to ``target`` by ``importance``."""
-    source = get_family(model).shape(model.config)
-    keep = keep_masks_from_scores(unit_scores(importance, source), source, target)
-    compact = prune_model(model, plan=plan_from_masks(source, target, keep)).eval()
+def cut_loss(compact: nn.Module, batches: Sequence[Any]) -> float:
+    """Mean LM loss of a cut model on ``batches`` (``input_ids`` tensors)."""
+    compact.eval()
     losses = [float(compact(input_ids=b, labels=b).loss) for b in batches]
     return sum(losses) / len(losses)
 
 
 def search_shape(
-    model: nn.Module,
+    source: ModelShape,
     budget: int,
-    importance: Importance,
+    cut: Callable[[ModelShape], nn.Module],
     batches: Sequence[Any],
     non_embedding: bool = False,
-    max_candidates: int = 12,
+    max_candidates: int = 24,
     **candidate_options: Any,
 ) -> tuple[Candidate, list[Candidate]]:
-    """Scores the candidate shapes under ``budget`` by their one-shot cut's loss.
+    """Scores the candidate shapes under ``budget`` by the loss of their one-shot cut.
 
     Args:
-        model: The source Hugging Face causal LM (eval mode is set).
+        source: The source model's shape.
         budget: Parameter budget.
-        importance: Activation (or Taylor) importance of the source's units, measured on
-            calibration batches other than ``batches``.
+        cut: ``target shape -> compact model``: the one-shot cut of the source by importance
+            measured on calibration batches other than ``batches``
+            (:func:`composer_shear.export.oneshot.prune_oneshot_to_dir` passes it).
         batches: Held-out batches the cuts are scored on.
         non_embedding: The budget counts non-embedding parameters.
         max_candidates: Score at most this many (spread over depths, deepest first).
@@ -184,8 +177,6 @@ def search_shape(
     Returns:
         The winner and every scored candidate (lowest loss first).
     """
-    model.eval()
-    source = get_family(model).shape(model.config)
     candidates = candidate_shapes(source, budget, non_embedding, **candidate_options)
     # Spread the scoring over the depths: every depth's largest shape, then the second ...
     per_depth: dict[int, list[Candidate]] = {}
@@ -193,7 +184,8 @@ def search_shape(
         per_depth.setdefault(candidate.shape.num_hidden_layers, []).append(candidate)
     columns = itertools.zip_longest(*per_depth.values())
     candidates = [c for row in columns for c in row if c is not None][:max_candidates]
-    for candidate in candidates:
-        candidate.loss = cut_loss(model, candidate.shape, importance, batches)
+    for index, candidate in enumerate(candidates, 1):
+        candidate.loss = cut_loss(cut(candidate.shape), batches)
+        print(f"  [{index}/{len(candidates)}] {candidate.row()}", flush=True)
     scored = sorted(candidates, key=lambda c: c.loss)
     return scored[0], scored
