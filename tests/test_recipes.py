@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from composer.core import Time, TimeUnit
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
@@ -433,6 +434,27 @@ def check_distillation(recipe: Recipe) -> None:
         raise RecipeError(f"{recipe.name}: the KD teacher is the model being trained")
 
 
+def check_landing(recipe: Recipe) -> None:
+    """Pruning hardens before its last step, so that it ends exactly on the target.
+
+    ``harden_at: auto`` (the default) hardens at half of the run or at the end of the
+    Lagrangian warm-up, whichever is later; ``never`` is the paper's schedule, an ablation.
+    """
+    pruning = recipe.pruning
+    if pruning is None:
+        return
+    harden_at = pruning.get("harden_at", "auto")
+    if harden_at in (None, "never"):
+        raise RecipeError(f"{recipe.name}: harden_at {harden_at}: the run ends off the target")
+    end = Time.from_timestring(str(recipe.cfg["max_duration"]))
+    points = [harden_at] if harden_at != "auto" else ["0.5dur", pruning["lagrangian_warmup"]]
+    for point in points:
+        when = Time.from_timestring(str(point))
+        fraction = when.value if when.unit == TimeUnit.DURATION else when.value / end.value
+        if when.unit not in (TimeUnit.DURATION, end.unit) or fraction >= 1.0:
+            raise RecipeError(f"{recipe.name}: hardening at {point} is not before {end}")
+
+
 CHECKS = (
     check_train_config,
     check_components,
@@ -440,6 +462,7 @@ CHECKS = (
     check_domains,
     check_pruning_eval,
     check_distillation,
+    check_landing,
 )
 
 # ------------------------------------------------------------------------------------- tests
@@ -541,10 +564,14 @@ def test_base_recipe_passes():
          "positive"),
         (lambda r: r.algorithms.targeted_pruning.__setitem__("eval_at", "target"),
          check_pruning_eval, "not expected"),
+        (lambda r: r.algorithms.targeted_pruning.__setitem__("harden_at", "never"),
+         check_landing, "ends off the target"),
+        (lambda r: r.algorithms.targeted_pruning.__setitem__("lagrangian_warmup", "3200ba"),
+         check_landing, "not before"),
     ],
     ids=["target-larger", "gqa-invalid", "stale-count", "proportion-sum", "target-loss-len",
          "missing-eval-domain", "unknown-top-level-key", "sharded-pruning-ckpt", "bad-gate-lr",
-         "eval-at-target"],
+         "eval-at-target", "never-hardens", "warmup-to-the-end"],
 )  # fmt: skip
 def test_broken_recipe_is_caught(edit, check, message):
     recipe = _mutated(edit)
