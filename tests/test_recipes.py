@@ -147,7 +147,7 @@ def _fill_missing(raw: DictConfig) -> list[str]:
     for key in missing:
         if key.endswith("target_loss"):
             domains = OmegaConf.select(raw, "train_loader.dataset.domains")
-            OmegaConf.update(raw, key, [2.0] * len(domains), merge=False)
+            OmegaConf.update(raw, key, {str(d): 2.0 for d in domains}, merge=False)
         else:
             OmegaConf.update(raw, key, f"/placeholder/{key}", merge=False)
     return missing
@@ -367,11 +367,13 @@ def check_domains(recipe: Recipe) -> None:
     if dbl is None:
         return
     target_loss = dbl.get("target_loss")
-    if target_loss is not None and len(target_loss) != len(domains):
+    if target_loss is not None and not isinstance(target_loss, dict):
+        raise RecipeError(f"{recipe.name}: target losses must be a mapping {{domain: loss}}")
+    if target_loss is not None and list(target_loss) != domains:
         raise RecipeError(
-            f"{recipe.name}: {len(target_loss)} target losses, {len(domains)} domains"
+            f"{recipe.name}: target losses for {list(target_loss)}, domains {domains}"
         )
-    if target_loss is not None and min(target_loss) <= 0:
+    if target_loss is not None and min(target_loss.values()) <= 0:
         raise RecipeError(f"{recipe.name}: target losses must be positive")
     labels = [loader.get("label") for loader in recipe.eval_loaders]
     if sorted(map(str, labels)) != sorted(domains):
@@ -554,8 +556,8 @@ def test_base_recipe_passes():
         (lambda r: r.variables.__setitem__("proportion", [0.7, 0.045, 0.045, 0.02, 0.045,
                                                           0.025, 0.15]),
          check_domains, "sum to 1"),
-        (lambda r: r.variables.__setitem__("target_loss", [1.9, 0.7]), check_domains,
-         "target losses"),
+        (lambda r: r.variables.__setitem__("target_loss", {"cc": 1.9, "github": 0.7}),
+         check_domains, "target losses"),
         (lambda r: r.eval_loader.pop(), check_domains, "eval labels"),
         (lambda r: r.__setitem__("pruning_steps", 3200), check_train_config, "pruning_steps"),
         (lambda r: r.fsdp_config.__setitem__("state_dict_type", "sharded"), check_components,
