@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from composer_shear.data.calibration import read_mds_token_samples
+from composer_shear.data.identity import check_split_tokenizer, read_split_meta
 
 __all__ = [
     "evaluate_domain_losses",
@@ -139,6 +140,9 @@ def evaluate_domain_losses(
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         pad_id = tokenizer.pad_token_id
 
+    for domain in domains:  # every domain before the first forward pass
+        split_dir = _eval_split_dir(data_dir, domain)
+        check_split_tokenizer(read_split_meta(split_dir), tokenizer, f"eval split {split_dir}")
     results: dict[str, float] = {}
     for domain in domains:
         split_dir = _eval_split_dir(data_dir, domain)

@@ -534,7 +534,13 @@ class TargetedPruning(Algorithm):
             )
         batch_size = int(state.device_train_microbatch_size or 1)
         batches = calibration_batches(
-            data_dir, self.init_tokens, seq_len, batch_size, domains=domains, seed=self.seed
+            data_dir,
+            self.init_tokens,
+            seq_len,
+            batch_size,
+            domains=domains,
+            seed=self.seed,
+            tokenizer=getattr(composer_model_of(state.model), "tokenizer", None),
         )
         # Each rank measures its share; sums are all-reduced. Every rank must run the same
         # number of forwards (FSDP gathers inside each), so the list is padded cyclically.
