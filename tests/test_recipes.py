@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from composer.core import Time, TimeUnit
+from composer.distributed.mosaic_parallelism import get_mixed_precision
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
@@ -457,6 +459,22 @@ def check_landing(recipe: Recipe) -> None:
             raise RecipeError(f"{recipe.name}: hardening at {point} is not before {end}")
 
 
+def check_gate_precision(recipe: Recipe) -> None:
+    """A pruning recipe keeps FSDP's compute parameters (the gates too) in float32.
+
+    ``targeted_pruning`` refuses anything else at INIT; this catches it before a launch.
+    """
+    fsdp = recipe.cfg.get("fsdp_config")
+    if recipe.pruning is None or not fsdp:
+        return
+    setting = fsdp.get("mixed_precision", "DEFAULT")
+    _, param_dtype, _, _ = get_mixed_precision(recipe.cfg["precision"], setting)
+    if param_dtype not in (None, torch.float32):
+        raise RecipeError(
+            f"{recipe.name}: mixed_precision {setting} puts the gates in {param_dtype}"
+        )
+
+
 CHECKS = (
     check_train_config,
     check_components,
@@ -465,6 +483,7 @@ CHECKS = (
     check_pruning_eval,
     check_distillation,
     check_landing,
+    check_gate_precision,
 )
 
 # ------------------------------------------------------------------------------------- tests
@@ -570,10 +589,13 @@ def test_base_recipe_passes():
          check_landing, "ends off the target"),
         (lambda r: r.algorithms.targeted_pruning.__setitem__("lagrangian_warmup", "3200ba"),
          check_landing, "not before"),
+        (lambda r: r.fsdp_config.__setitem__("mixed_precision", "DEFAULT"), check_gate_precision,
+         "puts the gates in torch.bfloat16"),
     ],
     ids=["target-larger", "gqa-invalid", "stale-count", "proportion-sum", "target-loss-len",
          "missing-eval-domain", "unknown-top-level-key", "sharded-pruning-ckpt", "bad-gate-lr",
-         "eval-at-target", "never-hardens", "warmup-to-the-end"],
+         "eval-at-target", "never-hardens", "warmup-to-the-end",
+         "bf16-gates"],
 )  # fmt: skip
 def test_broken_recipe_is_caught(edit, check, message):
     recipe = _mutated(edit)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.distributed.mosaic_parallelism import get_mixed_precision
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
@@ -250,6 +251,32 @@ def _check_reaches(state: State, key: str, when: Time | None) -> None:
         )
 
 
+def _check_gate_precision(state: State) -> None:
+    """Refuses FSDP mixed precision that would run the gates in 16 bits (FSDP1 and FSDP2).
+
+    FSDP casts every parameter of a wrapped module to ``param_dtype`` for the forward, the
+    gates' log-alphas included (they live in the root unit). In bfloat16 log-alpha near 4
+    moves in steps of ~0.03, ties of the evaluation cut (top-k of log-alpha) break
+    differently from the float32 export, and the penalty is computed from rounded values.
+    Both Composer FSDP versions resolve the setting with ``get_mixed_precision``, so this
+    reads it the same way, before FSDP wraps the model.
+    """
+    fsdp = getattr(state, "fsdp_config", None)
+    if fsdp is None:
+        return
+    setting = getattr(fsdp, "mixed_precision", "DEFAULT")
+    _, param_dtype, _, _ = get_mixed_precision(state.precision, setting)
+    if param_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"targeted_pruning: fsdp_config.mixed_precision={setting} with precision "
+            f"{state.precision.value} runs parameters in {param_dtype} in the forward, the "
+            "gates' log-alphas too: the evaluation cut could then differ from the float32 "
+            "export. Set fsdp_config.mixed_precision: FULL, or "
+            "{param_dtype: fp32, reduce_dtype: bf16, buffer_dtype: bf16} (parameters in "
+            "float32, gradients reduced in bfloat16)."
+        )
+
+
 def _check_activation_checkpointing(state: State) -> None:
     """Rejects FSDP1's reentrant activation checkpointing (Composer's default when on).
 
@@ -458,6 +485,7 @@ class TargetedPruning(Algorithm):
         """See the class docstring for what happens at each event."""
         if event == Event.INIT:
             _check_activation_checkpointing(state)
+            _check_gate_precision(state)
             self.gates = apply_targeted_pruning(
                 state.model,
                 self.target_shape,
