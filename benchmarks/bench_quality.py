@@ -62,8 +62,8 @@ from composer_shear.demo import CPT_YAML, DEFAULT_CORPUS, PRUNE_YAML  # noqa: E4
 from composer_shear.export.units import compare_kept_units, read_kept_units  # noqa: E402
 from composer_shear.launch import (  # noqa: E402
     check_hf_dir,
-    list_override,
     llmfoundry_train,
+    mapping_override,
     subprocess_environment,
 )
 from composer_shear.report.metrics import export_gap as metrics_export_gap  # noqa: E402
@@ -309,7 +309,7 @@ def run_method(
         f"variables.run_dir={run_dir}",
         f"variables.max_seq_len={cfg['max_seq_len']}",
         f"variables.update_interval={update_interval(cfg, steps)}ba",
-        list_override("variables.target_loss", [reference[d] for d in cfg["domains"]]),
+        mapping_override("variables.target_loss", {d: reference[d] for d in cfg["domains"]}),
         f"seed={seed}",
     ]
     route = spec["route"]

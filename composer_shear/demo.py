@@ -40,7 +40,13 @@ from composer_shear.downstream.evaluate import (
     write_results,
 )
 from composer_shear.downstream.tasks import TASKS, task_spec
-from composer_shear.launch import REPO, LaunchError, check_hf_dir, list_override, llmfoundry_train
+from composer_shear.launch import (
+    REPO,
+    LaunchError,
+    check_hf_dir,
+    llmfoundry_train,
+    mapping_override,
+)
 from composer_shear.report import build_report
 from composer_shear.report.labels import MODEL_LABELS
 from composer_shear.report.metrics import export_gap, read_metrics
@@ -211,7 +217,7 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
 
     _stage(3, total, "Reference losses: the source model on each domain's eval split")
     source_losses = _timed(stages, "reference", lambda: evaluate(source_dir))
-    reference = [source_losses[d] for d in DOMAINS]
+    reference = {d: source_losses[d] for d in DOMAINS}
     losses: dict[str, Any] = {"domains": DOMAINS, "source": source_losses}
     losses["reference"] = dict(source_losses)
     (run_dir / "eval" / "losses.json").write_text(json.dumps(losses, indent=2) + "\n")
@@ -222,7 +228,7 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
         f"variables.run_dir={run_dir}",
         f"variables.max_seq_len={settings.max_seq_len}",
         f"variables.update_interval={settings.update_interval}ba",
-        list_override("variables.target_loss", reference),
+        mapping_override("variables.target_loss", reference),
     ]
     _stage(4, total, f"Prune with llmfoundry train ({settings.prune_steps} steps)")
     _timed(

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_hf_dir",
     "list_override",
     "llmfoundry_train",
+    "mapping_override",
     "subprocess_environment",
 ]
 
@@ -86,6 +88,16 @@ def subprocess_environment() -> dict[str, str]:
 def list_override(name: str, values: list[float]) -> str:
     """An OmegaConf command-line override setting ``name`` to a list of floats."""
     return f"{name}=[{','.join(f'{value:.4f}' for value in values)}]"
+
+
+def mapping_override(name: str, values: Mapping[str, float]) -> str:
+    """An OmegaConf command-line override setting ``name`` to a ``{key: float}`` mapping.
+
+    OmegaConf merges a mapping into an existing one key by key: keys of the recipe's mapping
+    that ``values`` lacks stay, so give every key (``dynamic_batch_loading`` then names any
+    extra or missing domain).
+    """
+    return f"{name}={{{', '.join(f'{key}: {value:.4f}' for key, value in values.items())}}}"
 
 
 def check_hf_dir(path: Path) -> dict[str, Any]:

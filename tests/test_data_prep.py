@@ -203,6 +203,9 @@ class _BigVocab:
     def __call__(self, *args, **kwargs):
         return self._tok(*args, **kwargs)
 
+    def get_vocab(self):
+        return self._tok.get_vocab()
+
 
 def test_vocabulary_and_dtype(tmp_path, tok):
     assert choose_token_dtype(512) == "uint16"

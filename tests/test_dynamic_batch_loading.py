@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ import pytest
 from composer.core import Event
 
 from composer_shear.callbacks import DynamicBatchLoading, doremi_update
+from composer_shear.callbacks.dynamic_batch_loading import target_losses_in_order
 from composer_shear.data.mixer import find_multi_domain_dataset
 
 DOMAINS = ["code", "prose", "math"]
@@ -191,6 +193,50 @@ def test_validation_errors(kwargs, labels, error):
     state = fake_state(FakeMixture(), labels=labels)
     with pytest.raises(ValueError, match=error):
         callback.run_event(Event.FIT_START, state, FakeLogger())
+
+
+def test_target_loss_by_name_in_any_order():
+    domains = ["cc", "github", "book"]
+    by_name = target_losses_in_order({"book": 2.03, "cc": 1.87, "github": 0.69}, domains)
+    assert by_name == [1.87, 0.69, 2.03]
+    # The callback matches a reordered mapping by name: the same update as in order.
+    histories = []
+    for target in (
+        {"code": 1.0, "prose": 3.0, "math": 0.1},
+        {"math": 0.1, "prose": 3.0, "code": 1.0},
+    ):
+        callback = DynamicBatchLoading(target_loss=target)
+        state, logger = fake_state(FakeMixture()), FakeLogger()
+        callback.run_event(Event.FIT_START, state, logger)
+        eval_round(callback, state, logger, {"code": 2.0, "prose": 2.0, "math": 0.5}, 5)
+        histories.append(callback.history[0]["excess_loss"])
+        assert callback.state_dict()["target_loss"] == {"code": 1.0, "prose": 3.0, "math": 0.1}
+    assert histories[0] == histories[1] == pytest.approx([1.0, 0.0, 0.4])
+
+
+@pytest.mark.parametrize(
+    ("target", "error"),
+    [
+        ({"cc": 1.0, "github": 1.0}, r"no reference loss for \['book'\]"),
+        (
+            {"cc": 1.0, "github": 1.0, "book": 1.0, "c4": 2.0},
+            r"reference loss for unknown domain\(s\) \['c4'\]",
+        ),
+        ({"cc": 1.0, "book": 1.0, "wiki": 1.0}, r"\['github'\]; .* \['wiki'\]"),
+        ({"cc": 1.0, "github": math.nan, "book": 1.0}, "finite"),
+        ([1.0, 2.0], "2 values but .* 3 domains"),
+    ],
+)
+def test_target_loss_names_the_wrong_domain(target, error):
+    with pytest.raises(ValueError, match=error):
+        target_losses_in_order(target, ["cc", "github", "book"])
+
+
+def test_list_target_loss_warns_with_the_mapping_it_means(caplog):
+    with caplog.at_level(logging.WARNING):
+        values = target_losses_in_order([1.5, 0.5], ["cc", "github"])
+    assert values == [1.5, 0.5]
+    assert "{cc: 1.5, github: 0.5}" in caplog.text
 
 
 def test_validation_needs_multi_domain_dataset():

@@ -387,7 +387,7 @@ def test_reentrant_activation_checkpointing_is_refused_at_init(reentrant):
     # all layers); the algorithm says so at INIT instead, naming the setting.
     from types import SimpleNamespace
 
-    from composer.core import Event
+    from composer.core import Event, Precision
     from composer.utils import FSDPConfig
 
     from composer_shear.pruning.algorithm import TargetedPruning
@@ -395,7 +395,9 @@ def test_reentrant_activation_checkpointing_is_refused_at_init(reentrant):
     fsdp = FSDPConfig(activation_checkpointing=True, activation_checkpointing_reentrant=reentrant)
     composer_model = torch.nn.Module()  # stands in for Composer's HuggingFaceModel
     composer_model.model = tiny_model("llama_gqa")
-    state = SimpleNamespace(fsdp_config=fsdp, model=composer_model, optimizers=[])
+    state = SimpleNamespace(
+        fsdp_config=fsdp, model=composer_model, optimizers=[], precision=Precision.FP32
+    )
     algorithm = TargetedPruning(target_shape={"num_hidden_layers": 2})
     if reentrant:
         with pytest.raises(ValueError, match="activation_checkpointing_reentrant: false"):

@@ -7,11 +7,19 @@ import math
 
 import pytest
 import torch
+from llmfoundry.command_utils import train_from_yaml
+from omegaconf import OmegaConf
 
 from composer_shear.export.surgery import prune_model
 from composer_shear.pruning.gates import NOT_HARDENED, HardConcreteGate
 from composer_shear.report.metrics import read_metrics
-from tests.pruning_helpers import composer_launch, gate_state, gates_of, make_tiny_run_inputs
+from tests.pruning_helpers import (
+    PRUNE_YAML,
+    composer_launch,
+    gate_state,
+    gates_of,
+    make_tiny_run_inputs,
+)
 from tests.pruning_helpers import run_prune as _run_prune
 
 HARDEN = "algorithms.targeted_pruning.harden_at"
@@ -226,3 +234,45 @@ def test_schedule_gates_false_keeps_the_warmup_off_the_gates(tiny_tokenizer_dir,
         trainer.close()
     # Adam's step is about lr: the warm-up scales it by 0.1, 0.2, 0.3 in the first 3 steps.
     assert moved[False] > 2.5 * moved[True], moved
+
+
+@pytest.mark.slow
+def test_default_run_lands_with_only_target_shape(tiny_tokenizer_dir, tmp_path):
+    """The README's snippet: only ``target_shape`` and a warm-up; the default hardens.
+
+    The same 80-step run on the paper's schedule (``harden_at: never``) ended with 24.0
+    expected hidden units for a target of 48, and export then cut units that were on.
+    """
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    recipe = OmegaConf.load(PRUNE_YAML)
+    target = dict(recipe.algorithms.targeted_pruning.target_shape)
+    recipe.algorithms.targeted_pruning = {"target_shape": target, "lagrangian_warmup": "0.3dur"}
+    recipe.max_duration = "80ba"
+    path = tmp_path / "prune_defaults.yaml"
+    OmegaConf.save(recipe, path)
+    metrics = tmp_path / "metrics.jsonl"
+    trainer = train_from_yaml(
+        str(path),
+        [
+            f"variables.model_dir={model_dir}",
+            f"variables.data_dir={data_dir}",
+            f"loggers.jsonl_metrics.path={metrics}",
+        ],
+    )
+    gates = gates_of(trainer)
+    assert gates.hardened
+    for name, gate in gates.gates.items():
+        keep = gate.expected_keep().flatten()
+        tolerance = max(0.1, 0.02 * gate.keep)
+        assert (keep - gate.keep).abs().max().item() <= tolerance, (name, keep, gate.keep)
+    # Hardened at half of the run (after the 0.3dur warm-up): batch 40 is the first one.
+    steps, hardened = read_metrics(metrics).get("pruning/hardened")
+    assert next(s for s, h in zip(steps, hardened, strict=True) if h == 1.0) == 41
+    # Export gap ~0: the model trained last is the model export writes.
+    hf_model = trainer.state.model.model
+    hf_model.train()
+    compact = prune_model(hf_model)
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf_model(ids).logits, compact(ids).logits, atol=1e-4)
+    trainer.close()

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from composer.core import Time, TimeUnit
+from composer.distributed.mosaic_parallelism import get_mixed_precision
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
@@ -146,7 +149,7 @@ def _fill_missing(raw: DictConfig) -> list[str]:
     for key in missing:
         if key.endswith("target_loss"):
             domains = OmegaConf.select(raw, "train_loader.dataset.domains")
-            OmegaConf.update(raw, key, [2.0] * len(domains), merge=False)
+            OmegaConf.update(raw, key, {str(d): 2.0 for d in domains}, merge=False)
         else:
             OmegaConf.update(raw, key, f"/placeholder/{key}", merge=False)
     return missing
@@ -366,11 +369,13 @@ def check_domains(recipe: Recipe) -> None:
     if dbl is None:
         return
     target_loss = dbl.get("target_loss")
-    if target_loss is not None and len(target_loss) != len(domains):
+    if target_loss is not None and not isinstance(target_loss, dict):
+        raise RecipeError(f"{recipe.name}: target losses must be a mapping {{domain: loss}}")
+    if target_loss is not None and list(target_loss) != domains:
         raise RecipeError(
-            f"{recipe.name}: {len(target_loss)} target losses, {len(domains)} domains"
+            f"{recipe.name}: target losses for {list(target_loss)}, domains {domains}"
         )
-    if target_loss is not None and min(target_loss) <= 0:
+    if target_loss is not None and min(target_loss.values()) <= 0:
         raise RecipeError(f"{recipe.name}: target losses must be positive")
     labels = [loader.get("label") for loader in recipe.eval_loaders]
     if sorted(map(str, labels)) != sorted(domains):
@@ -433,6 +438,43 @@ def check_distillation(recipe: Recipe) -> None:
         raise RecipeError(f"{recipe.name}: the KD teacher is the model being trained")
 
 
+def check_landing(recipe: Recipe) -> None:
+    """Pruning hardens before its last step, so that it ends exactly on the target.
+
+    ``harden_at: auto`` (the default) hardens at half of the run or at the end of the
+    Lagrangian warm-up, whichever is later; ``never`` is the paper's schedule, an ablation.
+    """
+    pruning = recipe.pruning
+    if pruning is None:
+        return
+    harden_at = pruning.get("harden_at", "auto")
+    if harden_at in (None, "never"):
+        raise RecipeError(f"{recipe.name}: harden_at {harden_at}: the run ends off the target")
+    end = Time.from_timestring(str(recipe.cfg["max_duration"]))
+    points = [harden_at] if harden_at != "auto" else ["0.5dur", pruning["lagrangian_warmup"]]
+    for point in points:
+        when = Time.from_timestring(str(point))
+        fraction = when.value if when.unit == TimeUnit.DURATION else when.value / end.value
+        if when.unit not in (TimeUnit.DURATION, end.unit) or fraction >= 1.0:
+            raise RecipeError(f"{recipe.name}: hardening at {point} is not before {end}")
+
+
+def check_gate_precision(recipe: Recipe) -> None:
+    """A pruning recipe keeps FSDP's compute parameters (the gates too) in float32.
+
+    ``targeted_pruning`` refuses anything else at INIT; this catches it before a launch.
+    """
+    fsdp = recipe.cfg.get("fsdp_config")
+    if recipe.pruning is None or not fsdp:
+        return
+    setting = fsdp.get("mixed_precision", "DEFAULT")
+    _, param_dtype, _, _ = get_mixed_precision(recipe.cfg["precision"], setting)
+    if param_dtype not in (None, torch.float32):
+        raise RecipeError(
+            f"{recipe.name}: mixed_precision {setting} puts the gates in {param_dtype}"
+        )
+
+
 CHECKS = (
     check_train_config,
     check_components,
@@ -440,6 +482,8 @@ CHECKS = (
     check_domains,
     check_pruning_eval,
     check_distillation,
+    check_landing,
+    check_gate_precision,
 )
 
 # ------------------------------------------------------------------------------------- tests
@@ -531,8 +575,8 @@ def test_base_recipe_passes():
         (lambda r: r.variables.__setitem__("proportion", [0.7, 0.045, 0.045, 0.02, 0.045,
                                                           0.025, 0.15]),
          check_domains, "sum to 1"),
-        (lambda r: r.variables.__setitem__("target_loss", [1.9, 0.7]), check_domains,
-         "target losses"),
+        (lambda r: r.variables.__setitem__("target_loss", {"cc": 1.9, "github": 0.7}),
+         check_domains, "target losses"),
         (lambda r: r.eval_loader.pop(), check_domains, "eval labels"),
         (lambda r: r.__setitem__("pruning_steps", 3200), check_train_config, "pruning_steps"),
         (lambda r: r.fsdp_config.__setitem__("state_dict_type", "sharded"), check_components,
@@ -541,10 +585,17 @@ def test_base_recipe_passes():
          "positive"),
         (lambda r: r.algorithms.targeted_pruning.__setitem__("eval_at", "target"),
          check_pruning_eval, "not expected"),
+        (lambda r: r.algorithms.targeted_pruning.__setitem__("harden_at", "never"),
+         check_landing, "ends off the target"),
+        (lambda r: r.algorithms.targeted_pruning.__setitem__("lagrangian_warmup", "3200ba"),
+         check_landing, "not before"),
+        (lambda r: r.fsdp_config.__setitem__("mixed_precision", "DEFAULT"), check_gate_precision,
+         "puts the gates in torch.bfloat16"),
     ],
     ids=["target-larger", "gqa-invalid", "stale-count", "proportion-sum", "target-loss-len",
          "missing-eval-domain", "unknown-top-level-key", "sharded-pruning-ckpt", "bad-gate-lr",
-         "eval-at-target"],
+         "eval-at-target", "never-hardens", "warmup-to-the-end",
+         "bf16-gates"],
 )  # fmt: skip
 def test_broken_recipe_is_caught(edit, check, message):
     recipe = _mutated(edit)

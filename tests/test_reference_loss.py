@@ -145,8 +145,8 @@ def test_snippet_is_valid_yaml():
     snippet = target_loss_snippet({"cc": 1.87123, "github": 0.6883})
     parsed = yaml.safe_load(snippet)
     cfg = parsed["callbacks"]["dynamic_batch_loading"]
-    assert cfg == {"update_type": "doremi", "target_loss": [1.8712, 0.6883]}
-    assert "cc, github" in snippet
+    assert cfg == {"update_type": "doremi", "target_loss": {"cc": 1.8712, "github": 0.6883}}
+    assert list(cfg["target_loss"]) == ["cc", "github"]
 
 
 def test_cli_fit(tmp_path, capsys):
@@ -168,7 +168,24 @@ def test_cli_fit(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "dynamic_batch_loading" in printed
     target = yaml.safe_load(out.read_text())["callbacks"]["dynamic_batch_loading"]["target_loss"]
-    assert target == pytest.approx([400.0 * 2.7e9**-0.3 + 1.6, 30.0 * 2.7e9**-0.2 + 0.5], abs=1e-4)
+    assert list(target) == ["cc", "github"]
+    assert target["cc"] == pytest.approx(400.0 * 2.7e9**-0.3 + 1.6, abs=1e-4)
+    assert target["github"] == pytest.approx(30.0 * 2.7e9**-0.2 + 0.5, abs=1e-4)
+    # The recipe's domain order (RedPajama's: cc before github), and a domain it lacks.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "variables: {domains: [github, cc]}\n"
+        "train_loader: {name: multi_domain, dataset: {domains: '${variables.domains}'}}\n"
+    )
+    common = ["reference-loss", "--fit", str(fit_file), "--target-params", "2.7e9"]
+    args = _parser().parse_args([*common, "--recipe", str(recipe), "--out", str(out)])
+    assert args.func(args) == 0
+    target = yaml.safe_load(out.read_text())["callbacks"]["dynamic_batch_loading"]["target_loss"]
+    assert list(target) == ["github", "cc"]
+    capsys.readouterr()
+    args = _parser().parse_args([*common, "--domains", "cc", "book"])
+    assert args.func(args) == 2
+    assert "no domain(s) ['book']" in capsys.readouterr().err
 
 
 def test_cli_evaluate(tiny_domain_data, tiny_tokenizer_dir, tmp_path, capsys):
@@ -180,7 +197,14 @@ def test_cli_evaluate(tiny_domain_data, tiny_tokenizer_dir, tmp_path, capsys):
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     cfg = yaml.safe_load(printed[printed.index("# target_loss") :])
-    assert len(cfg["callbacks"]["dynamic_batch_loading"]["target_loss"]) == 1
+    assert list(cfg["callbacks"]["dynamic_batch_loading"]["target_loss"]) == ["beta"]
+    # A domain without an eval split: a clear error naming it and the ones there are.
+    args = _parser().parse_args(
+        ["reference-loss", "--model", str(model_dir), "--data", str(root), "--domains", "gamma"]
+    )
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "no domain(s) ['gamma']" in err and "'beta'" in err
 
 
 def test_cli_needs_a_mode(capsys):

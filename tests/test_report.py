@@ -78,6 +78,80 @@ def _tiny_trainer(path: str, run_name: str = "jsonl-test") -> Trainer:
     )
 
 
+def _resumable_trainer(path: Path, save: Path, max_duration: str, run_name: str) -> Trainer:
+    """The tiny trainer with checkpoints every 2 batches and Composer's autoresume."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    evaluator = Evaluator(
+        label="eval/code",
+        dataloader=DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8),
+        metric_names=["MulticlassAccuracy"],
+    )
+    return Trainer(
+        model=ComposerClassifier(torch.nn.Linear(8, 3), num_classes=3),
+        train_dataloader=DataLoader(TensorDataset(x, y), batch_size=8),
+        eval_dataloader=evaluator,
+        eval_interval="2ba",
+        max_duration=max_duration,
+        loggers=[JSONLMetricsLogger(str(path))],
+        callbacks=[_LogOddValues()],
+        run_name=run_name,
+        seed=0,
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        save_folder=str(save),
+        save_interval="2ba",
+        save_overwrite=True,
+        autoresume=True,
+    )
+
+
+def test_autoresume_keeps_the_metrics_once_per_step(tmp_path):
+    """A run killed after batch 5 (last checkpoint: batch 4), autoresumed to batch 8."""
+    straight_path = tmp_path / "straight.jsonl"
+    trainer = _resumable_trainer(straight_path, tmp_path / "ckpt-straight", "8ba", "straight")
+    trainer.fit()
+    trainer.close()
+    path = tmp_path / "metrics.jsonl"
+    killed = _resumable_trainer(path, tmp_path / "ckpt", "5ba", "resumed")
+    killed.fit()
+    killed.close()
+    assert read_metrics(path).get("custom/tensor")[0] == [1, 2, 3, 4, 5]
+    # Killed, not finished: Composer's end-of-fit checkpoint at batch 5 never happened.
+    (tmp_path / "ckpt" / "ep0-ba5-rank0.pt").unlink()
+    (tmp_path / "ckpt" / "latest-rank0.pt").unlink()
+    (tmp_path / "ckpt" / "latest-rank0.pt").symlink_to("ep0-ba4-rank0.pt")
+    resumed = _resumable_trainer(path, tmp_path / "ckpt", "8ba", "resumed")
+    assert int(resumed.state.timestamp.batch) == 4  # autoresumed from the batch-4 checkpoint
+    resumed.fit()
+    resumed.close()
+
+    records = [line for line in read_lines(path) if "metrics" in line]
+    straight = [line for line in read_lines(straight_path) if "metrics" in line]
+    for name in ("loss/train/total", "custom/tensor", "time/batch",
+                 "metrics/eval/code/MulticlassAccuracy"):  # fmt: skip
+        steps = [r["step"] for r in records if name in r["metrics"]]
+        assert len(steps) == len(set(steps)), (name, steps)  # no step written twice
+        assert steps == [r["step"] for r in straight if name in r["metrics"]], name
+    # Before and after the resume, the history is the uninterrupted run's (exact resumption).
+    losses = read_metrics(path).get("loss/train/total")
+    assert losses[0] == list(range(8))
+    assert losses[1] == pytest.approx(read_metrics(straight_path).get("loss/train/total")[1])
+
+
+def test_fresh_run_replaces_an_old_file_but_only_once_it_starts(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 99, "metrics": {"old": 1.0}}) + "\n")
+    trainer = _tiny_trainer(str(path))
+    # Opened at INIT without truncating: a job that dies before training loses nothing.
+    assert read_metrics(path).has("old")
+    trainer.fit()
+    trainer.close()
+    log = read_metrics(path)
+    assert not log.has("old") and log.get("loss/train/total")[0] == [0, 1, 2, 3]
+
+
 def test_logger_in_composer_trainer(tmp_path):
     trainer = _tiny_trainer(str(tmp_path / "{run_name}" / "metrics.jsonl"))
     trainer.fit()

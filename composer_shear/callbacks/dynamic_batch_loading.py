@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from composer_shear.data.mixer import find_multi_domain_dataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DynamicBatchLoading", "doremi_update"]
+__all__ = ["DynamicBatchLoading", "doremi_update", "target_losses_in_order"]
 
 UPDATE_TYPES = ("doremi", "constant")
 
@@ -69,6 +69,65 @@ def doremi_update(
     return new / new.sum()
 
 
+def target_losses_in_order(
+    target_loss: Mapping[str, float] | Sequence[float], domains: Sequence[str]
+) -> list[float]:
+    """The reference losses in the order of ``domains``, checked against them by name.
+
+    Args:
+        target_loss: ``{domain: loss}`` (the form to write), or a list in the order of
+            ``domains`` (older recipes: accepted with a warning that prints the mapping it
+            was read as, since a list in another order steers the mixture toward the wrong
+            domains without any error).
+        domains: the train dataset's domains, in its order.
+
+    Returns:
+        One finite loss per domain, in the order of ``domains``.
+
+    Raises:
+        ValueError: a domain without a loss, a loss for a domain the dataset does not have,
+            a list of another length, or a non-finite loss.
+    """
+    domains = [str(d) for d in domains]
+    if isinstance(target_loss, Mapping):
+        given = {str(k): float(v) for k, v in target_loss.items()}
+        missing = [d for d in domains if d not in given]
+        extra = [d for d in given if d not in domains]
+        if missing or extra:
+            raise ValueError(
+                "dynamic_batch_loading.target_loss must name exactly the train dataset's "
+                f"domains {domains}: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"no reference loss for {missing}" if missing else "",
+                        f"reference loss for unknown domain(s) {extra}" if extra else "",
+                    )
+                    if part
+                )
+                + "."
+            )
+        values = [given[d] for d in domains]
+    else:
+        values = [float(v) for v in target_loss]
+        if len(values) != len(domains):
+            raise ValueError(
+                f"target_loss has {len(values)} values but the train dataset has "
+                f"{len(domains)} domains {domains}; write it as a mapping {{domain: loss}}."
+            )
+        mapping = ", ".join(f"{d}: {v}" for d, v in zip(domains, values, strict=True))
+        log.warning(
+            "dynamic_batch_loading.target_loss is a list, matched to the train dataset's "
+            "domains by position: {%s}. Write this mapping in the YAML instead (a list in "
+            "another order would steer the mixture toward the wrong domains).",
+            mapping,
+        )
+    bad = {d: v for d, v in zip(domains, values, strict=True) if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"target_loss must be finite, got {bad}.")
+    return values
+
+
 class DynamicBatchLoading(Callback):
     """Updates the domain weights of the training mixture after every evaluation round.
 
@@ -96,7 +155,7 @@ class DynamicBatchLoading(Callback):
         callbacks:
           dynamic_batch_loading:
             update_type: doremi      # or constant (weights stay fixed, losses still logged)
-            target_loss: [1.87, 0.69] # reference loss per domain, order of dataset.domains
+            target_loss: {cc: 1.87, github: 0.69}  # reference loss per domain, by name
             smoothing: 1.0e-4
 
     The update runs at :attr:`~composer.core.Event.EVAL_AFTER_ALL`, which the trainer fires once
@@ -119,9 +178,11 @@ class DynamicBatchLoading(Callback):
     Args:
         update_type: ``'doremi'`` (Sheared-LLaMA's rule) or ``'constant'`` (keep the initial
             weights; useful as a baseline that logs the same metrics).
-        target_loss: reference loss per domain, in the order of the train dataset's ``domains``.
-            Required for ``'doremi'``; optional for ``'constant'`` (excess loss is then not
-            logged).
+        target_loss: reference loss per domain, ``{domain: loss}`` naming exactly the train
+            dataset's ``domains`` (a missing or extra domain is an error naming it). A list in
+            the order of ``domains`` (older recipes) is accepted with a warning printing the
+            mapping it was read as (:func:`target_losses_in_order`). Required for
+            ``'doremi'``; optional for ``'constant'`` (excess loss is then not logged).
         smoothing: ``c``, the weight of the uniform distribution mixed into the new weights.
         step_size: ``eta``, multiplier of the excess loss (1 in the paper).
         eval_label_prefix: prefix of the evaluator labels; llm-foundry uses ``'eval/'``.
@@ -131,7 +192,7 @@ class DynamicBatchLoading(Callback):
     def __init__(
         self,
         update_type: str = "doremi",
-        target_loss: Sequence[float] | None = None,
+        target_loss: Mapping[str, float] | Sequence[float] | None = None,
         smoothing: float = 1e-4,
         step_size: float = 1.0,
         eval_label_prefix: str = "eval/",
@@ -146,10 +207,17 @@ class DynamicBatchLoading(Callback):
         if not step_size > 0:
             raise ValueError(f"step_size must be positive, got {step_size}.")
         self.update_type = update_type
-        # OmegaConf ListConfig and friends become plain floats.
-        self.target_loss = None if target_loss is None else [float(x) for x in target_loss]
-        if self.target_loss is not None and not all(math.isfinite(x) for x in self.target_loss):
-            raise ValueError(f"target_loss must be finite, got {self.target_loss}.")
+        # OmegaConf DictConfig / ListConfig become plain dicts / lists of floats.
+        self.target_loss_spec: dict[str, float] | list[float] | None = None
+        if isinstance(target_loss, Mapping):
+            self.target_loss_spec = {str(k): float(v) for k, v in target_loss.items()}
+            values = list(self.target_loss_spec.values())
+        elif target_loss is not None:
+            self.target_loss_spec = values = [float(x) for x in target_loss]
+        if target_loss is not None and not all(math.isfinite(x) for x in values):
+            raise ValueError(f"target_loss must be finite, got {self.target_loss_spec}.")
+        # In the train dataset's domain order, once FIT_START has matched it to the domains.
+        self.target_loss: list[float] | None = None
         self.smoothing = float(smoothing)
         self.step_size = float(step_size)
         self.eval_label_prefix = eval_label_prefix
@@ -181,12 +249,8 @@ class DynamicBatchLoading(Callback):
                 f"multi_domain`); found {type(getattr(state.train_dataloader, 'dataset', None))}."
             )
         domains = [str(d) for d in dataset.domains]
-        k = len(domains)
-        if self.target_loss is not None and len(self.target_loss) != k:
-            raise ValueError(
-                f"target_loss has {len(self.target_loss)} values but the train dataset has {k} "
-                f"domains {domains}; give one reference loss per domain, in that order."
-            )
+        if self.target_loss_spec is not None:
+            self.target_loss = target_losses_in_order(self.target_loss_spec, domains)
         if self.domains is not None and self.domains != domains:
             # self.domains was restored from a checkpoint.
             raise ValueError(
@@ -327,7 +391,11 @@ class DynamicBatchLoading(Callback):
             "history": copy.deepcopy(self.history),
             "domains": None if self.domains is None else list(self.domains),
             "update_type": self.update_type,
-            "target_loss": None if self.target_loss is None else list(self.target_loss),
+            "target_loss": (
+                None
+                if self.target_loss is None or self.domains is None
+                else dict(zip(self.domains, self.target_loss, strict=True))
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -45,8 +45,8 @@ from composer.core import DataSpec
 from torch.utils.data import DataLoader
 
 from composer_shear.data.descriptors import bound_open_files
+from composer_shear.data.identity import check_split_tokenizer, read_split_meta, remote_split_meta
 from composer_shear.data.mixer import MultiDomainDataset, split_path
-from composer_shear.data.prep import read_split_meta
 
 __all__ = ["build_multi_domain_dataloader", "collate_multi_domain", "read_shard_format"]
 
@@ -240,6 +240,12 @@ def build_multi_domain_dataloader(
     if remote is None:  # with a remote the shards arrive later; Streaming checks them then
         for d in domains:
             dtypes.add(_check_domain_split(split_path(local, d, split), d, max_seq_len, tokenizer))
+    for d in domains:
+        # The tokenizer that wrote the shards: from the remote's own record when there is one
+        # (the local cache may still be empty), fetched before any shard.
+        where = split_path(remote if remote is not None else local, d, split)
+        meta = remote_split_meta(where) if remote is not None else read_split_meta(where)
+        check_split_tokenizer(meta, tokenizer, f"multi_domain: domain {d!r} ({where})")
     token_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
 
     mixer = MultiDomainDataset(

@@ -20,6 +20,8 @@ import torch
 from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
 
+from composer_shear.data.identity import check_split_tokenizer, read_split_meta
+
 __all__ = ["calibration_batches", "read_mds_token_samples"]
 
 
@@ -31,6 +33,7 @@ def calibration_batches(
     domains: Sequence[str] | None = None,
     seed: int = 0,
     split: str = "train",
+    tokenizer: Any | None = None,
 ) -> list[torch.Tensor]:
     """Calibration batches drawn evenly from every domain's ``split`` of an MDS data folder.
 
@@ -45,6 +48,8 @@ def calibration_batches(
         domains: Domains to use (default: every folder with a ``split``).
         seed: Seed of the pick.
         split: Which split (the train split: eval data stays held out).
+        tokenizer: The model's tokenizer: shards recorded as written by another one are
+            refused (:func:`~composer_shear.data.identity.check_split_tokenizer`).
     """
     data_dir = Path(data_dir)
     if domains is None:
@@ -57,6 +62,8 @@ def calibration_batches(
     rows: list[np.ndarray] = []
     for domain in domains:
         split_dir = data_dir / domain / split
+        where = f"calibration data {split_dir}"
+        check_split_tokenizer(read_split_meta(split_dir), tokenizer, where)
         pool = [
             t[:max_seq_len]
             for t in read_mds_token_samples(split_dir, max_samples=8 * per_domain)

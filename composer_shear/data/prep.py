@@ -11,7 +11,9 @@ Each sample is one ``tokens`` column holding exactly ``max_seq_len`` token ids, 
 datasets read such a folder unchanged for continued pre-training (its ``StreamingTextDataset``
 casts an ``ndarray`` ``tokens`` column to int64). ``tokens_meta.json`` records the dtype, the
 sample length and the tokenizer's vocabulary size so that the ``multi_domain`` loader can
-check a config against the shards at build time; ``index.json`` records each shard's size and
+check a config against the shards at build time, plus the tokenizer's name and a hash of
+its vocabulary, which every reader of the shards compares with its own tokenizer
+(:mod:`composer_shear.data.identity`); ``index.json`` records each shard's size and
 ``xxh3_64`` hash, which the loader checks (:mod:`composer_shear.data.verify`).
 
 Input: either a folder with one subfolder per domain holding ``.txt`` / ``.jsonl`` files, or
@@ -43,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from composer_shear.data.identity import META_FILE, read_split_meta, tokenizer_identity
+
 __all__ = [
     "META_FILE",
     "SPLITS",
@@ -54,7 +58,6 @@ __all__ = [
 ]
 
 SPLITS = ("train", "eval")
-META_FILE = "tokens_meta.json"
 SUMMARY_FILE = "summary.json"
 # Content hash of each shard, recorded in index.json (a fast non-cryptographic hash).
 SHARD_HASHES = ("xxh3_64",)
@@ -91,15 +94,6 @@ def choose_token_dtype(vocab_size: int, requested: str | None = None) -> str:
             f"(max id {np.iinfo(np.dtype(requested)).max:,}); use uint32"
         )
     return requested
-
-
-def read_split_meta(split_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """Reads ``tokens_meta.json`` of one domain split, or ``None`` if there is none."""
-    path = Path(split_dir) / META_FILE
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------- reading input
@@ -384,6 +378,9 @@ def prepare_domains(
         "max_seq_len": max_seq_len,
         "vocab_size": vocab_size,
         "eos_token_id": eos_id,
+        # Name, vocabulary size and vocabulary hash: the loader, calibration and
+        # reference-loss refuse a run whose tokenizer is another (data.identity).
+        **tokenizer_identity(tok),
         "tokenizer": getattr(tok, "name_or_path", None) or str(tokenizer),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,13 @@ CLI (through ``composer-shear``)::
 
     composer-shear reference-loss --model HF_DIR --data DATA_DIR [--domains cc github]
     composer-shear reference-loss --fit losses.yaml --target-params 2.7e9 [--out snippet.yaml]
+    composer-shear reference-loss ... --recipe yamls/llama2-7b/prune_2.7b.yaml
 
 where ``losses.yaml`` holds ``sizes: [N1, N2, ...]`` and ``losses: {domain: [L1, L2, ...]}``.
+The snippet's ``target_loss`` is a mapping by domain name, in the order of ``--domains``, else
+of the ``--recipe``'s train domains, else of ``losses.yaml`` (``--fit``) or the domain folders
+sorted by name; the callback matches it to the train domains by name, so the order is for
+reading only.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from typing import Any
 import numpy as np
 
 from composer_shear.data.calibration import read_mds_token_samples
+from composer_shear.data.identity import check_split_tokenizer, read_split_meta
 
 __all__ = [
     "evaluate_domain_losses",
     "fit_scaling_law",
     "predict_loss",
+    "recipe_domains",
     "register_cli",
     "target_loss_snippet",
 ]
@@ -48,6 +55,27 @@ def _eval_split_dir(data_dir: Path, domain: str) -> Path:
         if (candidate / "index.json").exists():
             return candidate
     raise FileNotFoundError(f"No eval split for domain {domain!r} under {data_dir / domain}.")
+
+
+def _check_domains(requested: Sequence[str], available: Sequence[str], where: str) -> None:
+    """Refuses requested domains that ``where`` does not have, naming them and the rest."""
+    missing = [d for d in requested if d not in available]
+    if missing:
+        raise ValueError(
+            f"no domain(s) {missing} in {where}; it has {list(available)}. Pass --domains "
+            "with names from that list (or fix the recipe's domains)."
+        )
+
+
+def recipe_domains(recipe: str | Path) -> list[str]:
+    """The train domains of a training YAML (``train_loader.dataset.domains``), in its order."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(recipe)
+    domains = OmegaConf.select(cfg, "train_loader.dataset.domains", default=None)
+    if domains is None:
+        raise ValueError(f"{recipe} has no train_loader.dataset.domains (a multi_domain loader).")
+    return [str(d) for d in domains]
 
 
 def _discover_domains(data_dir: Path) -> list[str]:
@@ -96,7 +124,10 @@ def evaluate_domain_losses(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data_dir = Path(data_dir)
-    domains = list(domains) if domains is not None else _discover_domains(data_dir)
+    available = _discover_domains(data_dir)
+    if domains is not None:
+        _check_domains(domains, available, f"{data_dir} (<domain>/eval splits)")
+    domains = list(domains) if domains is not None else available
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -109,6 +140,9 @@ def evaluate_domain_losses(
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         pad_id = tokenizer.pad_token_id
 
+    for domain in domains:  # every domain before the first forward pass
+        split_dir = _eval_split_dir(data_dir, domain)
+        check_split_tokenizer(read_split_meta(split_dir), tokenizer, f"eval split {split_dir}")
     results: dict[str, float] = {}
     for domain in domains:
         split_dir = _eval_split_dir(data_dir, domain)
@@ -243,15 +277,18 @@ def predict_loss(params: Sequence[float], n: float | np.ndarray) -> float | np.n
 
 
 def target_loss_snippet(losses: dict[str, float], update_type: str = "doremi") -> str:
-    """The ``callbacks:`` YAML block for these per-domain reference losses (in dict order)."""
-    domains = list(losses)
-    values = ", ".join(f"{losses[d]:.4f}" for d in domains)
+    """The ``callbacks:`` YAML block for these per-domain reference losses (in dict order).
+
+    ``target_loss`` is a mapping by domain name: the callback matches it to the train
+    dataset's domains by name and names any missing or extra one.
+    """
+    mapping = ", ".join(f"{domain}: {loss:.4f}" for domain, loss in losses.items())
     return (
-        f"# target_loss order (must equal the train dataset's domains): {', '.join(domains)}\n"
+        "# target_loss by domain name (every train domain, no other)\n"
         "callbacks:\n"
         "  dynamic_batch_loading:\n"
         f"    update_type: {update_type}\n"
-        f"    target_loss: [{values}]  # {', '.join(domains)}\n"
+        f"    target_loss: {{{mapping}}}\n"
     )
 
 
@@ -276,13 +313,24 @@ def _load_fit_file(path: Path) -> tuple[list[float], dict[str, list[float]]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        return _run_checked(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_checked(args: argparse.Namespace) -> int:
     out = sys.stdout
+    if args.recipe is not None and not args.domains:
+        args.domains = recipe_domains(args.recipe)
     if args.fit is not None:
         if args.target_params is None:
             print("error: --fit needs --target-params", file=sys.stderr)
             return 2
         sizes, per_domain = _load_fit_file(Path(args.fit))
         if args.domains:
+            _check_domains(args.domains, list(per_domain), f"{args.fit} (losses)")
             per_domain = {d: per_domain[d] for d in args.domains}
         result = {}
         print(f"{'domain':<20} {'a':>12} {'b':>8} {'c':>8} {'L(target)':>10}", file=out)
@@ -329,7 +377,10 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="Hugging Face model directory to evaluate")
     parser.add_argument("--data", help="directory with <domain>/eval MDS splits")
-    parser.add_argument("--domains", nargs="+", help="domains, in the train dataset's order")
+    parser.add_argument("--domains", nargs="+", help="only these domains, printed in this order")
+    parser.add_argument(
+        "--recipe", help="training YAML: its train domains (and their order) unless --domains"
+    )
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-samples", type=int, default=None, help="per domain")

@@ -298,6 +298,7 @@ def prune_oneshot_to_dir(
             batch_size=batch_size,
             domains=domains,
             seed=seed,
+            tokenizer=tokenizer,
         )
         n_tokens = sum(b.numel() for b in batches)
         print(f"calibrating on {len(batches)} batches ({n_tokens:,} tokens)", flush=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.distributed.mosaic_parallelism import get_mixed_precision
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
@@ -48,6 +49,7 @@ from composer_shear.sharding import writable_gates
 from composer_shear.wrappers import composer_model_of, hf_causal_lm
 
 __all__ = [
+    "AUTO_HARDEN_AT",
     "INIT_MODES",
     "TargetedPruning",
     "add_gate_param_groups",
@@ -60,6 +62,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INIT_MODES = ("uniform", "activation")
+# ``harden_at: auto`` (the default): half of the run, or the end of the Lagrangian warm-up if
+# that is later. Hardening at any point lands exactly on the target; half of the run leaves
+# the weights the other half to recover from the cut (the SmolLM2 recipe's measured setting).
+AUTO_HARDEN_AT = "0.5dur"
+# ``harden_at`` values that keep the paper's schedule (stochastic gates to the last step).
+NEVER_HARDEN = (None, "never")
 
 
 def add_gate_param_groups(
@@ -231,6 +239,58 @@ def _time_reached(state: State, when: Time) -> bool:
     return state.timestamp.get(when.unit).value >= when.value
 
 
+def _check_reaches(state: State, key: str, when: Time | None) -> None:
+    """Warns of a ``harden_at`` (or auto's warm-up end) at or after the end of the run.
+
+    A run that never hardens ends off the target, and export then cuts units that were on;
+    that is the paper's schedule, which ``harden_at: never`` asks for explicitly. A warning,
+    not an error: a run stopped early on purpose and resumed with a longer ``max_duration``
+    hardens in the resumed part.
+    """
+    end = state.max_duration
+    if when is None or end is None:
+        return
+    fraction = when.value if when.unit == TimeUnit.DURATION else None
+    if fraction is None and when.unit == end.unit:
+        fraction = when.value / end.value
+    if fraction is not None and fraction >= 1.0:
+        log.warning(
+            "targeted_pruning: %s=%s is not before the end of the run (max_duration=%s): the "
+            "gates will not harden and the run will end off the target unless it is resumed "
+            "with a longer max_duration; shorten it (e.g. harden_at: 0.5dur, "
+            "lagrangian_warmup: 0.2dur) or set harden_at: never for the paper's schedule.",
+            key,
+            when,
+            end,
+        )
+
+
+def _check_gate_precision(state: State) -> None:
+    """Refuses FSDP mixed precision that would run the gates in 16 bits (FSDP1 and FSDP2).
+
+    FSDP casts every parameter of a wrapped module to ``param_dtype`` for the forward, the
+    gates' log-alphas included (they live in the root unit). In bfloat16 log-alpha near 4
+    moves in steps of ~0.03, ties of the evaluation cut (top-k of log-alpha) break
+    differently from the float32 export, and the penalty is computed from rounded values.
+    Both Composer FSDP versions resolve the setting with ``get_mixed_precision``, so this
+    reads it the same way, before FSDP wraps the model.
+    """
+    fsdp = getattr(state, "fsdp_config", None)
+    if fsdp is None:
+        return
+    setting = getattr(fsdp, "mixed_precision", "DEFAULT")
+    _, param_dtype, _, _ = get_mixed_precision(state.precision, setting)
+    if param_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"targeted_pruning: fsdp_config.mixed_precision={setting} with precision "
+            f"{state.precision.value} runs parameters in {param_dtype} in the forward, the "
+            "gates' log-alphas too: the evaluation cut could then differ from the float32 "
+            "export. Set fsdp_config.mixed_precision: FULL, or "
+            "{param_dtype: fp32, reduce_dtype: bf16, buffer_dtype: bf16} (parameters in "
+            "float32, gradients reduced in bfloat16)."
+        )
+
+
 def _check_activation_checkpointing(state: State) -> None:
     """Rejects FSDP1's reentrant activation checkpointing (Composer's default when on).
 
@@ -286,6 +346,7 @@ class TargetedPruning(Algorithm):
             target_shape: {num_hidden_layers: 24, num_attention_heads: 16,
                            num_key_value_heads: 16, intermediate_size: 5504, hidden_size: 2048}
             lagrangian_warmup: 0.2dur
+            harden_at: auto          # the default: 0.5dur, after the warm-up
             gate_lr: 1.0
             lambda_lr: 1.0
 
@@ -327,12 +388,17 @@ class TargetedPruning(Algorithm):
             ``init: activation`` a wider range (e.g. ``[-10, 10]``) starts the most important
             units near-deterministic, the least important ones off, and leaves the noise and
             the learning to the units near the cut.
-        harden_at: When to *harden* the gates (``"0.75dur"``, ``"45ba"``; default None: never,
-            the paper). From that batch on every gate is frozen at exactly the target values
+        harden_at: When to *harden* the gates. ``"auto"`` (default): at half of the run
+            (``0.5dur``), or at the end of ``lagrangian_warmup`` if that is later; a time
+            (``"0.75dur"``, ``"45ba"``) hardens there; ``"never"`` (or null) keeps the
+            paper's schedule, stochastic gates to the last step (an ablation: runs of ours
+            with it ended off the target, and export then cut units that were on). From the
+            hardening batch on every gate is frozen at exactly the target values
             export writes (top-k of log-alpha per row, the kept units' values folded as in
             export), the Lagrangian is dropped and only the weights train: the rest of
             pruning trains the model that ships, so the exported model equals the last
-            in-run evaluation. Logged: ``pruning/hardened`` and, at the hardening batch,
+            in-run evaluation and every row keeps exactly the target count. Logged:
+            ``pruning/hardened`` and, at the hardening batch,
             ``pruning/hardening/<dim>/max_row_deviation_units`` (how far the expected shape
             was from the target when it was cut there).
         landing_eval_batches: After every evaluation round, this many batches of every
@@ -383,7 +449,7 @@ class TargetedPruning(Algorithm):
         init_data: str | None = None,
         init_tokens: int = 65536,
         log_alpha_range: Sequence[float] | None = None,
-        harden_at: str | int | None = None,
+        harden_at: str | int | None = "auto",
         landing_eval_batches: int = 1,
         schedule_gates: bool = True,
         freeze_weights: bool = False,
@@ -403,7 +469,12 @@ class TargetedPruning(Algorithm):
         self._teacher_logits: torch.Tensor | None = None
         self.schedule_gates = bool(schedule_gates)
         self.target_shape = _validate_target(target_shape)
-        self.harden_at = _parse_time("harden_at", harden_at)
+        self.harden_auto = harden_at == "auto"
+        self.harden_at = (
+            None
+            if harden_at in NEVER_HARDEN
+            else _parse_time("harden_at", AUTO_HARDEN_AT if self.harden_auto else harden_at)
+        )
         if int(landing_eval_batches) < 0:
             raise ValueError(
                 f"targeted_pruning.landing_eval_batches must be >= 0, got {landing_eval_batches}."
@@ -473,6 +544,7 @@ class TargetedPruning(Algorithm):
                     "targeted_pruning objective: distill already distils from the source; "
                     "remove the knowledge_distillation algorithm."
                 )
+            _check_gate_precision(state)
             self.gates = apply_targeted_pruning(
                 state.model,
                 self.target_shape,
@@ -492,6 +564,9 @@ class TargetedPruning(Algorithm):
         if event == Event.AFTER_LOAD:
             reshape_multiplier_optimizer_state(state.optimizers, gates)
         elif event == Event.FIT_START:
+            _check_reaches(state, "harden_at", self.harden_at)
+            if self.harden_auto:
+                _check_reaches(state, "lagrangian_warmup (harden_at: auto)", self.lagrangian_warmup)
             if not self._initialized and self.init == "activation":
                 self._init_from_importance(state, gates)
             self._initialized = True
@@ -499,6 +574,8 @@ class TargetedPruning(Algorithm):
             gates.target_progress = _warmup_progress(state, self.lagrangian_warmup)
             gates.start_step(self.seed, int(state.timestamp.batch), dist.get_global_rank())
             harden = self.harden_at is not None and not gates.hardened
+            if harden and self.harden_auto:
+                harden = gates.target_progress >= 1.0  # auto: never before the warm-up ends
             if harden and _time_reached(state, self.harden_at):
                 self._harden(state, gates, logger)
             if gates.hardened:
@@ -551,7 +628,13 @@ class TargetedPruning(Algorithm):
             )
         batch_size = int(state.device_train_microbatch_size or 1)
         batches = calibration_batches(
-            data_dir, self.init_tokens, seq_len, batch_size, domains=domains, seed=self.seed
+            data_dir,
+            self.init_tokens,
+            seq_len,
+            batch_size,
+            domains=domains,
+            seed=self.seed,
+            tokenizer=getattr(composer_model_of(state.model), "tokenizer", None),
         )
         # Each rank measures its share; sums are all-reduced. Every rank must run the same
         # number of forwards (FSDP gathers inside each), so the list is padded cyclically.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +99,20 @@ class JSONLMetricsLogger(LoggerDestination):
     line). Lines written before ``Event.INIT`` (when ``{run_name}`` is not yet known) are
     queued and written when the file opens.
 
+    Resumption: the file opens at ``INIT`` for appending, before Composer loads a checkpoint,
+    so nothing an earlier run wrote is lost if the job dies before training. At ``FIT_START``
+    (after any load) the file is rewritten once, atomically: a run resumed at batch ``n``
+    (autoresume or ``load_path``) keeps the earlier lines up to the end of batch ``n`` and
+    drops the later ones, which it is about to log again (each metric once per step, no
+    duplicates); a fresh run (batch 0) keeps only its own lines.
+
     Args:
         path: File to write. May contain ``{run_name}`` (and Composer's dist fields such as
             ``{rank}``). Parent folders are created; a path that cannot be written stops the
             run at ``Event.INIT``, before training.
         flush_interval: Flush the file every this many lines.
-        overwrite: Start a fresh file (default); ``False`` appends, e.g. on autoresume.
+        overwrite: ``True`` (default): as above. ``False``: never drop a line (every run
+            appends whatever it logs, duplicated steps included).
     """
 
     def __init__(self, path: str, flush_interval: int = 1, overwrite: bool = True) -> None:
@@ -120,6 +129,8 @@ class JSONLMetricsLogger(LoggerDestination):
         self._pending_hparams: dict[str, Any] = {}
         self._unflushed = 0
         self._opened_once = False
+        # Bytes of the file written before this run opened it (reconciled at FIT_START).
+        self._previous_bytes: int | None = None
         bound_open_files()  # before LLM Foundry builds the job's Streaming datasets
 
     # -- Composer hooks -----------------------------------------------------------------------
@@ -146,6 +157,39 @@ class JSONLMetricsLogger(LoggerDestination):
         dist.broadcast_object_list(status, src=0)
         if status[0] is not None:
             raise OutputPathError(status[0])
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """Drops what an earlier run logged after this run's start step (see the class doc)."""
+        del logger
+        if dist.get_global_rank() != 0 or self._previous_bytes is None or self.path is None:
+            return
+        previous, self._previous_bytes = self._previous_bytes, None
+        if not self.overwrite or previous == 0:
+            return
+        start = int(state.timestamp.batch)
+        self._flush()
+        data = self.path.read_bytes()
+        kept = []
+        if start > 0:
+            for raw in data[:previous].decode("utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(raw)
+                    step, names = record.get("step"), record.get("metrics") or {}
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a line cut off when the earlier run died
+                # The file is chronological. Composer logs `time/batch` first in every batch,
+                # at the step before the batch counts (so do its train losses): the batch after
+                # the checkpoint starts at the first such line of step `start`, and this run
+                # logs it and everything after again.
+                if step is not None and (step > start or (step == start and "time/batch" in names)):
+                    break
+                kept.append(raw + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes("".join(kept).encode("utf-8") + data[previous:])
+        assert self._file is not None
+        self._file.close()
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
 
     def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
         """Merges hyperparameters; written as one line before the next metrics line."""
@@ -199,9 +243,10 @@ class JSONLMetricsLogger(LoggerDestination):
             return
         self.path = self._resolved_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A second open in the same process (after close, e.g. another fit) must not truncate.
-        mode = "w" if self.overwrite and not self._opened_once else "a"
-        self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 - kept open
+        if not self._opened_once:
+            # Never truncated here: FIT_START decides what of an earlier run's lines to keep.
+            self._previous_bytes = self.path.stat().st_size if self.path.is_file() else 0
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         self._opened_once = True
         for line in self._queue:
             self._file.write(line)
