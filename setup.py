@@ -58,5 +58,13 @@ setup(
         "llmfoundry_dataloaders": [
             "multi_domain=composer_shear.data.builder:build_multi_domain_dataloader",
         ],
+        # Model families (composer_shear.families): a user's package adds one the same way.
+        "composer_shear_families": [
+            "llama=composer_shear.families.llama:FAMILY",
+            "mistral=composer_shear.families.mistral:FAMILY",
+            "qwen2=composer_shear.families.qwen2:FAMILY",
+            "qwen3=composer_shear.families.qwen3:FAMILY",
+            "gemma3=composer_shear.families.gemma3:FAMILY",
+        ],
     },
 )
