@@ -184,8 +184,19 @@ def test_cli_evaluate(tiny_domain_data, tiny_tokenizer_dir, tmp_path, capsys):
 
 
 def test_cli_needs_a_mode(capsys):
-    args = _parser().parse_args(["reference-loss"])
-    assert args.func(args) == 2
+    from composer_shear.cli import main
+
+    for argv in (
+        ["reference-loss"],
+        ["reference-loss", "--model", "m"],
+        ["reference-loss", "--fit", "f"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2  # a usage error, like argparse's own
+    err = capsys.readouterr().err
+    assert "error: give either --model and --data, or --fit and --target-params" in err
+    assert "error: --fit needs --target-params" in err
 
 
 def test_evaluate_on_prepared_shards(tiny_tokenizer_dir, tmp_path):

@@ -20,6 +20,8 @@ import torch
 from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
 
+from composer_shear.interface import progress
+
 __all__ = ["calibration_batches", "read_mds_token_samples"]
 
 
@@ -55,7 +57,7 @@ def calibration_batches(
     per_domain = math.ceil(n_batches * batch_size / len(domains))
     rng = np.random.default_rng(seed)
     rows: list[np.ndarray] = []
-    for domain in domains:
+    for domain in progress(domains, desc="reading calibration samples", unit="domain"):
         split_dir = data_dir / domain / split
         pool = [
             t[:max_seq_len]

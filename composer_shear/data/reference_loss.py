@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from composer_shear.data.calibration import read_mds_token_samples
+from composer_shear.interface import UsageError, model_path, positive_int, progress
 
 __all__ = [
     "evaluate_domain_losses",
@@ -97,6 +98,8 @@ def evaluate_domain_losses(
 
     data_dir = Path(data_dir)
     domains = list(domains) if domains is not None else _discover_domains(data_dir)
+    if model is None:
+        model_dir = model_path(model_dir)  # a missing directory: a clear error, before loading
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -134,7 +137,8 @@ def evaluate_domain_losses(
             )
             return float(loss), int((labels != -100).sum())
 
-        for tokens in read_mds_token_samples(split_dir, tokenizer, max_samples):
+        samples = read_mds_token_samples(split_dir, tokenizer, max_samples)
+        for tokens in progress(samples, desc=f"eval {domain}", unit="sample", total=max_samples):
             tokens = tokens[:max_seq_len]
             if len(tokens) < 2:
                 continue  # Nothing to predict.
@@ -277,38 +281,45 @@ def _load_fit_file(path: Path) -> tuple[list[float], dict[str, list[float]]]:
 
 def _run(args: argparse.Namespace) -> int:
     out = sys.stdout
+    if args.fit is not None and args.target_params is None:
+        raise UsageError("--fit needs --target-params")
+    if args.fit is None and (args.model is None or args.data is None):
+        raise UsageError("give either --model and --data, or --fit and --target-params")
+    try:
+        if args.fit is not None:
+            sizes, per_domain = _load_fit_file(Path(args.fit))
+            if args.domains:
+                missing = [d for d in args.domains if d not in per_domain]
+                if missing:
+                    raise ValueError(f"{args.fit} has no losses for domain(s) {missing}")
+                per_domain = {d: per_domain[d] for d in args.domains}
+            fits = {domain: fit_scaling_law(sizes, values) for domain, values in per_domain.items()}
+            result = {
+                domain: predict_loss(params, args.target_params) for domain, params in fits.items()
+            }
+        else:
+            result = evaluate_domain_losses(
+                args.model,
+                args.data,
+                domains=args.domains,
+                max_seq_len=args.max_seq_len,
+                batch_size=args.batch_size,
+                max_samples=args.max_samples,
+                device=args.device,
+            )
+    except (OSError, ValueError, RuntimeError) as error:
+        # OSError covers a missing file or model (interface.ModelPathError); ValueError a
+        # fit file or shards that do not hold what they should.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if args.fit is not None:
-        if args.target_params is None:
-            print("error: --fit needs --target-params", file=sys.stderr)
-            return 2
-        sizes, per_domain = _load_fit_file(Path(args.fit))
-        if args.domains:
-            per_domain = {d: per_domain[d] for d in args.domains}
-        result = {}
         print(f"{'domain':<20} {'a':>12} {'b':>8} {'c':>8} {'L(target)':>10}", file=out)
-        for domain, values in per_domain.items():
-            params = fit_scaling_law(sizes, values)
-            result[domain] = predict_loss(params, args.target_params)
-            a, b, c = params
+        for domain, (a, b, c) in fits.items():
             print(f"{domain:<20} {a:>12.4g} {b:>8.4f} {c:>8.4f} {result[domain]:>10.4f}", file=out)
-    elif args.model is not None and args.data is not None:
-        result = evaluate_domain_losses(
-            args.model,
-            args.data,
-            domains=args.domains,
-            max_seq_len=args.max_seq_len,
-            batch_size=args.batch_size,
-            max_samples=args.max_samples,
-            device=args.device,
-        )
+    else:
         print(f"{'domain':<20} {'loss':>8}", file=out)
         for domain, value in result.items():
             print(f"{domain:<20} {value:>8.4f}", file=out)
-    else:
-        print(
-            "error: give either --model and --data, or --fit and --target-params", file=sys.stderr
-        )
-        return 2
     snippet = target_loss_snippet(result)
     print("\n" + snippet, end="", file=out)
     if args.out:
@@ -327,15 +338,34 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
             "`dynamic_batch_loading` YAML snippet."
         ),
     )
-    parser.add_argument("--model", help="Hugging Face model directory to evaluate")
+    parser.add_argument(
+        "--model", help="Hugging Face model directory (or hub id) to evaluate; needs --data"
+    )
     parser.add_argument("--data", help="directory with <domain>/eval MDS splits")
-    parser.add_argument("--domains", nargs="+", help="domains, in the train dataset's order")
-    parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-samples", type=int, default=None, help="per domain")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        help="domains, in the train dataset's order (default: every domain of --data / --fit)",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=positive_int, default=2048, help="tokens per eval sample (truncated)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="sequences per forward pass"
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=positive_int,
+        default=None,
+        help="eval samples per domain (default: all)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the evaluation (cuda, cpu)"
+    )
     parser.add_argument("--fit", help="YAML/JSON with `sizes: [...]` and `losses: {domain: [...]}`")
-    parser.add_argument("--target-params", type=float, help="target model size for --fit")
+    parser.add_argument(
+        "--target-params", type=float, help="target model size (parameters) for --fit"
+    )
     parser.add_argument("--out", help="also write the YAML snippet to this file")
     parser.set_defaults(func=_run)
     return parser

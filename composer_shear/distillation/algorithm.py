@@ -36,6 +36,7 @@ from composer_shear.distillation.teacher import (
     source_weights,
     teacher_forward,
 )
+from composer_shear.interface import ModelPathError, model_path
 from composer_shear.wrappers import hf_causal_lm
 
 __all__ = [
@@ -324,6 +325,13 @@ class KnowledgeDistillation(Algorithm):
                 f"{teacher_sharding!r}."
             )
         self.teacher_spec = str(teacher)
+        if self.teacher_spec != SOURCE:
+            # A missing directory fails here, when the YAML is built, with a clear message
+            # (not as a hub-id error from transformers at Event.INIT).
+            try:
+                self.teacher_spec = model_path(self.teacher_spec, "teacher model")
+            except ModelPathError as error:
+                raise ModelPathError(f"{YAML_KEY}.teacher: {error}") from error
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.top_k = None if top_k is None else int(top_k)
         self.teacher_dtype, self.teacher_sharding = teacher_dtype, teacher_sharding

@@ -39,6 +39,7 @@ from composer_shear.export.surgery import PruningPlan, plan_from_masks, prune_mo
 from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
 from composer_shear.export.writer import ExportError, check_out_dir, write_hf_directory
 from composer_shear.families import get_family
+from composer_shear.interface import UsageError, model_path, positive_int
 from composer_shear.pruning.gates import top_k_mask
 from composer_shear.pruning.importance import (
     Importance,
@@ -222,9 +223,10 @@ def prune_oneshot_to_dir(
     if method == "activation" and data is None:
         raise ValueError("calibration data (--data) is required for method activation")
     record = read_kept_units(units) if units else None
+    source = model_path(source)  # a missing directory: a clear error, not a hub-id error
     print(f"loading {source}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     source_shape = get_family(model).shape(model.config)
     if record is not None:
@@ -277,8 +279,19 @@ def prune_oneshot_to_dir(
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    # What the command line alone shows to be wrong is a usage error (exit 2).
+    if args.target_shape is None and args.units is None:
+        raise UsageError("--target-shape is required unless --units is given")
+    if args.units is None and args.method == "activation" and args.data is None:
+        raise UsageError("--method activation needs --data (or use --units)")
     try:
         target_shape = None if args.target_shape is None else parse_target_shape(args.target_shape)
+    except ValueError as error:  # ShapeError, or JSON that does not parse
+        message = str(error)
+        raise UsageError(
+            message if "--target-shape" in message else f"--target-shape: {message}"
+        ) from error
+    try:
         summary = prune_oneshot_to_dir(
             args.source,
             args.out_dir,
@@ -313,7 +326,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
             "learned route)."
         ),
     )
-    parser.add_argument("source", help="Hugging Face model directory")
+    parser.add_argument("source", help="Hugging Face model directory (or hub id)")
     parser.add_argument("out_dir", help="output directory (must be empty or absent)")
     parser.add_argument(
         "--target-shape",
@@ -321,12 +334,32 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "num_key_value_heads=2,intermediate_size=1152 (or a JSON object); required unless "
         "--units is given",
     )
-    parser.add_argument("--data", help="DATA/<domain>/train MDS folders (composer-shear tokenize)")
-    parser.add_argument("--domains", nargs="+", help="domains to calibrate on (default: all)")
-    parser.add_argument("--calibration-tokens", type=int, default=65536)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--method", choices=METHODS, default="activation")
+    parser.add_argument(
+        "--data",
+        help="DATA/<domain>/train MDS folders (composer-shear tokenize); needed by --method "
+        "activation",
+    )
+    parser.add_argument(
+        "--domains", nargs="+", help="domains to calibrate on (default: every domain of --data)"
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=positive_int,
+        default=65536,
+        help="calibration tokens (rounded up to whole batches)",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=positive_int, default=2048, help="tokens per calibration sequence"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="sequences per calibration batch"
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="activation",
+        help="how units are scored: activation importance on --data, or random (a baseline)",
+    )
     parser.add_argument(
         "--units",
         metavar="PRUNED_DIR",
@@ -334,7 +367,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "composer_shear_kept_units.json, from `export` or `prune-oneshot`) instead of scoring "
         "them: e.g. a learned route's choice cut from the unpruned weights; no --data needed",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration pick and of --method random"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.set_defaults(func=_run_cli)
     return parser
