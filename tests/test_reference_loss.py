@@ -197,6 +197,7 @@ def test_cli_needs_a_mode(capsys):
     err = capsys.readouterr().err
     assert "error: give either --model and --data, or --fit and --target-params" in err
     assert "error: --fit needs --target-params" in err
+    assert "error: --model needs --data" in err
 
 
 def test_evaluate_on_prepared_shards(tiny_tokenizer_dir, tmp_path):

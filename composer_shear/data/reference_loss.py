@@ -281,9 +281,13 @@ def _load_fit_file(path: Path) -> tuple[list[float], dict[str, list[float]]]:
 
 def _run(args: argparse.Namespace) -> int:
     out = sys.stdout
+    if args.fit is not None and args.model is not None:
+        raise UsageError("--fit and --model are two ways to get the losses: give one")
     if args.fit is not None and args.target_params is None:
         raise UsageError("--fit needs --target-params")
-    if args.fit is None and (args.model is None or args.data is None):
+    if args.model is not None and args.data is None:
+        raise UsageError("--model needs --data")
+    if args.fit is None and args.model is None:
         raise UsageError("give either --model and --data, or --fit and --target-params")
     try:
         if args.fit is not None:
