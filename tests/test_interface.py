@@ -206,12 +206,22 @@ def test_model_path_passes_hub_ids_through_when_online():
     assert proc.stdout.split() == ["some-org/some-model", "gpt2"]
 
 
-def test_a_missing_teacher_directory_fails_when_the_yaml_is_built():
-    from composer_shear.distillation import KnowledgeDistillation
+def test_a_missing_teacher_directory_is_named_at_init():
+    """A real Composer Trainer: Event.INIT builds the teacher, and names the missing folder."""
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
 
+    from composer_shear.distillation import KnowledgeDistillation
+    from tests.tiny_models import tiny_model
+
+    # Building the algorithm from a YAML does not look at the path (recipes carry
+    # placeholders until a run fills them in) ...
+    algorithm = KnowledgeDistillation(teacher="./gone")
+    model = HuggingFaceModel(tiny_model("llama_gqa"), use_logits=True)
+    # ... the run does, before transformers could call it a malformed hub id.
     with pytest.raises(
         ModelPathError,
         match=r"algorithms\.knowledge_distillation\.teacher: teacher model directory "
         r"\./gone does not exist",
     ):
-        KnowledgeDistillation(teacher="./gone")
+        Trainer(model=model, algorithms=[algorithm], device="cpu", progress_bar=False)

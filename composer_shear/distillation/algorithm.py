@@ -325,13 +325,6 @@ class KnowledgeDistillation(Algorithm):
                 f"{teacher_sharding!r}."
             )
         self.teacher_spec = str(teacher)
-        if self.teacher_spec != SOURCE:
-            # A missing directory fails here, when the YAML is built, with a clear message
-            # (not as a hub-id error from transformers at Event.INIT).
-            try:
-                self.teacher_spec = model_path(self.teacher_spec, "teacher model")
-            except ModelPathError as error:
-                raise ModelPathError(f"{YAML_KEY}.teacher: {error}") from error
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.top_k = None if top_k is None else int(top_k)
         self.teacher_dtype, self.teacher_sharding = teacher_dtype, teacher_sharding
@@ -365,6 +358,14 @@ class KnowledgeDistillation(Algorithm):
         on_rank0 = dist.get_global_rank() == 0
         # Rank 0 holds the weights until FIT_START and broadcasts them; the others need only
         # the config (under init_device: mixed they hold no weights anyway).
+        if self.teacher_spec != SOURCE:
+            # Checked here, not when the YAML is built (recipes carry placeholder paths until
+            # a run fills them in): a missing directory is named instead of failing as a
+            # malformed hub id inside transformers.
+            try:
+                model_path(self.teacher_spec, "teacher model")
+            except ModelPathError as error:
+                raise ModelPathError(f"{YAML_KEY}.teacher: {error}") from error
         if self.teacher_spec == SOURCE:
             if on_rank0 or dist.get_world_size() == 1:
                 config, self._weights = source_weights(state.model, dtype)
