@@ -37,7 +37,22 @@ setup(
     ),
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10,<3.13",
+    # 3.11 is what the tests run on. 3.12: the whole pinned tree (constraints.txt) resolves
+    # to wheels, and LLM Foundry, Composer and Streaming declare it. 3.10: those three accept
+    # it, but constraints.txt pins versions that need 3.11 (matplotlib 3.11, scipy 1.17,
+    # typer 0.29, ...), so `make install` cannot work there. 3.13: the tree resolves, but
+    # LLM Foundry 0.22 / Composer 0.32 do not declare it and nothing here has run on it.
+    python_requires=">=3.11,<3.13",
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["composer_shear", "composer_shear.*"]),
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
@@ -57,6 +72,14 @@ setup(
         ],
         "llmfoundry_dataloaders": [
             "multi_domain=composer_shear.data.builder:build_multi_domain_dataloader",
+        ],
+        # Model families (composer_shear.families): a user's package adds one the same way.
+        "composer_shear_families": [
+            "llama=composer_shear.families.llama:FAMILY",
+            "mistral=composer_shear.families.mistral:FAMILY",
+            "qwen2=composer_shear.families.qwen2:FAMILY",
+            "qwen3=composer_shear.families.qwen3:FAMILY",
+            "gemma3=composer_shear.families.gemma3:FAMILY",
         ],
     },
 )

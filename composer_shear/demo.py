@@ -40,6 +40,7 @@ from composer_shear.downstream.evaluate import (
     write_results,
 )
 from composer_shear.downstream.tasks import TASKS, task_spec
+from composer_shear.interface import positive_int
 from composer_shear.launch import (
     REPO,
     LaunchError,
@@ -335,18 +336,33 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     defaults = DemoSettings()
     parser.add_argument("--run-dir", default="runs/demo", help="output folder")
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="raw corpus folder")
-    parser.add_argument("--prune-steps", type=int, default=defaults.prune_steps)
-    parser.add_argument("--cpt-steps", type=int, default=defaults.cpt_steps)
-    parser.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
+    parser.add_argument(
+        "--prune-steps",
+        type=positive_int,
+        default=defaults.prune_steps,
+        help="training steps of the pruning stage",
+    )
+    parser.add_argument(
+        "--cpt-steps",
+        type=positive_int,
+        default=defaults.cpt_steps,
+        help="training steps of continued pre-training of the pruned model",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=defaults.max_seq_len,
+        help="tokens per training and eval sample",
+    )
     parser.add_argument(
         "--eval-samples",
-        type=int,
+        type=positive_int,
         default=defaults.eval_samples,
         help="eval samples per domain for the loss tables",
     )
     parser.add_argument(
         "--update-interval",
-        type=int,
+        type=positive_int,
         default=defaults.update_interval,
         help="batches between domain-weight updates",
     )
@@ -358,7 +374,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--downstream-items",
-        type=int,
+        type=positive_int,
         default=defaults.downstream_items,
         help="items per downstream task (a seeded subset)",
     )

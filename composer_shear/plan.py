@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from composer_shear.families import get_family
+from composer_shear.interface import positive_int
 from composer_shear.shape import ModelShape, ShapeError
 
 __all__ = [
@@ -502,7 +503,6 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "plan",
         help="memory, compute and time of a training YAML before launch",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("yaml", help="LLM Foundry training YAML (a prune or CPT recipe)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as llmfoundry train")
@@ -511,7 +511,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="config.json or model directory of the source model (default: the YAML's "
         "model.pretrained_model_name_or_path, read offline)",
     )
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs of the job (all nodes)")
+    parser.add_argument("--gpus", type=positive_int, default=8, help="GPUs of the job (all nodes)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="a100-80gb", help="GPU model")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed MFU")
     parser.add_argument("--json", dest="json_out", help="also write the plan as JSON here")

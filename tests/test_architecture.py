@@ -29,6 +29,7 @@ TOP_LEVEL = {
     "__init__",
     "cli",
     "demo",
+    "interface",
     "launch",
     "output_paths",
     "plan",

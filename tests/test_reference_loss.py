@@ -183,8 +183,9 @@ def test_cli_fit(tmp_path, capsys):
     target = yaml.safe_load(out.read_text())["callbacks"]["dynamic_batch_loading"]["target_loss"]
     assert list(target) == ["github", "cc"]
     capsys.readouterr()
+    # The command line is well formed; the data lacks the domain: a failed command (exit 1).
     args = _parser().parse_args([*common, "--domains", "cc", "book"])
-    assert args.func(args) == 2
+    assert args.func(args) == 1
     assert "no domain(s) ['book']" in capsys.readouterr().err
 
 
@@ -202,14 +203,26 @@ def test_cli_evaluate(tiny_domain_data, tiny_tokenizer_dir, tmp_path, capsys):
     args = _parser().parse_args(
         ["reference-loss", "--model", str(model_dir), "--data", str(root), "--domains", "gamma"]
     )
-    assert args.func(args) == 2
+    assert args.func(args) == 1
     err = capsys.readouterr().err
     assert "no domain(s) ['gamma']" in err and "'beta'" in err
 
 
 def test_cli_needs_a_mode(capsys):
-    args = _parser().parse_args(["reference-loss"])
-    assert args.func(args) == 2
+    from composer_shear.cli import main
+
+    for argv in (
+        ["reference-loss"],
+        ["reference-loss", "--model", "m"],
+        ["reference-loss", "--fit", "f"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2  # a usage error, like argparse's own
+    err = capsys.readouterr().err
+    assert "error: give either --model and --data, or --fit and --target-params" in err
+    assert "error: --fit needs --target-params" in err
+    assert "error: --model needs --data" in err
 
 
 def test_evaluate_on_prepared_shards(tiny_tokenizer_dir, tmp_path):

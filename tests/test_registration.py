@@ -72,7 +72,7 @@ def test_console_script(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert __version__ in capsys.readouterr().out
-    assert main([]) == 2
-    out = capsys.readouterr().out
+    assert main([]) == 2  # no command: a usage error, the help on stderr
+    out = capsys.readouterr().err
     for command in ("smollm2", "tokenize", "reference-loss", "export", "report", "demo"):
         assert command in out

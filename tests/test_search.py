@@ -111,4 +111,4 @@ def test_cli_target_params_on_smollm2(smollm2_dir, tmp_path):
     both = subprocess.run(
         [*cmd, "--target-shape", "hidden_size=512"], capture_output=True, text=True, cwd=REPO
     )
-    assert both.returncode != 0 and "not several" in both.stderr
+    assert both.returncode == 2 and "not several" in both.stderr

@@ -21,6 +21,7 @@ from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
 
 from composer_shear.data.identity import check_split_tokenizer, read_split_meta
+from composer_shear.interface import progress
 
 __all__ = ["calibration_batches", "read_mds_token_samples"]
 
@@ -60,7 +61,7 @@ def calibration_batches(
     per_domain = math.ceil(n_batches * batch_size / len(domains))
     rng = np.random.default_rng(seed)
     rows: list[np.ndarray] = []
-    for domain in domains:
+    for domain in progress(domains, desc="reading calibration samples", unit="domain"):
         split_dir = data_dir / domain / split
         where = f"calibration data {split_dir}"
         check_split_tokenizer(read_split_meta(split_dir), tokenizer, where)

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from composer_shear.data.identity import META_FILE, read_split_meta, tokenizer_identity
+from composer_shear.interface import ModelPathError, fraction, model_path, positive_int, progress
 
 __all__ = [
     "META_FILE",
@@ -270,7 +271,7 @@ def _token_stream(tokenizer: Any, docs: Iterable[str], eos_id: int) -> Iterator[
 def _write_split(
     out_dir: Path,
     tokenizer: Any,
-    docs: list[str],
+    docs: Iterable[str],
     max_seq_len: int,
     dtype: str,
     vocab_size: int,
@@ -395,7 +396,7 @@ def prepare_domains(
                 counts = _write_split(
                     tmp / domain / split,
                     tok,
-                    splits[split],
+                    progress(splits[split], desc=f"{domain}/{split}", unit="doc", enabled=verbose),
                     max_seq_len,
                     dtype,
                     vocab_size,
@@ -457,12 +458,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "input", help="folder with one subfolder per domain, or a JSONL file with 'domain'"
     )
     parser.add_argument("out", help="output folder: OUT/<domain>/{train,eval}")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer path (the model to prune)")
-    parser.add_argument("--max-seq-len", type=int, required=True, help="tokens per sample")
-    parser.add_argument("--eval-fraction", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=17)
-    parser.add_argument("--token-dtype", choices=SUPPORTED_DTYPES, default=None)
-    parser.add_argument("--domains", nargs="+", default=None, help="only these domains")
+    parser.add_argument(
+        "--tokenizer", required=True, help="tokenizer directory or hub id (the model to prune)"
+    )
+    parser.add_argument("--max-seq-len", type=positive_int, required=True, help="tokens per sample")
+    parser.add_argument(
+        "--eval-fraction",
+        type=fraction,
+        default=0.05,
+        help="share of each domain's documents held out for eval, in [0, 1) (domains with "
+        "their own train.jsonl / eval.jsonl keep that split)",
+    )
+    parser.add_argument("--seed", type=int, default=17, help="seed of the train/eval split")
+    parser.add_argument(
+        "--token-dtype",
+        choices=SUPPORTED_DTYPES,
+        default=None,
+        help="stored token dtype (default: uint16 if the vocabulary fits, else uint32)",
+    )
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        default=None,
+        help="only these domains (default: every domain subfolder)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -473,7 +492,7 @@ def run_cli(args: argparse.Namespace) -> int:
         prepare_domains(
             args.input,
             args.out,
-            args.tokenizer,
+            model_path(args.tokenizer, "tokenizer"),
             args.max_seq_len,
             eval_fraction=args.eval_fraction,
             seed=args.seed,
@@ -482,9 +501,11 @@ def run_cli(args: argparse.Namespace) -> int:
             token_dtype=args.token_dtype,
             domains=args.domains,
         )
-    except DataPrepError as e:
+    except (DataPrepError, ModelPathError) as e:
+        # Bad values of the command line were refused by argparse (exit 2); what is left
+        # failed on the files themselves.
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from composer_shear.data.calibration import read_mds_token_samples
 from composer_shear.data.identity import check_split_tokenizer, read_split_meta
+from composer_shear.interface import UsageError, model_path, positive_int, progress
 
 __all__ = [
     "evaluate_domain_losses",
@@ -128,6 +129,8 @@ def evaluate_domain_losses(
     if domains is not None:
         _check_domains(domains, available, f"{data_dir} (<domain>/eval splits)")
     domains = list(domains) if domains is not None else available
+    if model is None:
+        model_dir = model_path(model_dir)  # a missing directory: a clear error, before loading
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -168,7 +171,8 @@ def evaluate_domain_losses(
             )
             return float(loss), int((labels != -100).sum())
 
-        for tokens in read_mds_token_samples(split_dir, tokenizer, max_samples):
+        samples = read_mds_token_samples(split_dir, tokenizer, max_samples)
+        for tokens in progress(samples, desc=f"eval {domain}", unit="sample", total=max_samples):
             tokens = tokens[:max_seq_len]
             if len(tokens) < 2:
                 continue  # Nothing to predict.
@@ -313,50 +317,51 @@ def _load_fit_file(path: Path) -> tuple[list[float], dict[str, list[float]]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        return _run_checked(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run_checked(args: argparse.Namespace) -> int:
     out = sys.stdout
-    if args.recipe is not None and not args.domains:
-        args.domains = recipe_domains(args.recipe)
+    if args.fit is not None and args.model is not None:
+        raise UsageError("--fit and --model are two ways to get the losses: give one")
+    if args.fit is not None and args.target_params is None:
+        raise UsageError("--fit needs --target-params")
+    if args.model is not None and args.data is None:
+        raise UsageError("--model needs --data")
+    if args.fit is None and args.model is None:
+        raise UsageError("give either --model and --data, or --fit and --target-params")
+    try:
+        if args.recipe is not None and not args.domains:
+            args.domains = recipe_domains(args.recipe)
+        if args.fit is not None:
+            sizes, per_domain = _load_fit_file(Path(args.fit))
+            if args.domains:
+                _check_domains(args.domains, list(per_domain), f"{args.fit} (losses)")
+                per_domain = {d: per_domain[d] for d in args.domains}
+            fits = {domain: fit_scaling_law(sizes, values) for domain, values in per_domain.items()}
+            result = {
+                domain: predict_loss(params, args.target_params) for domain, params in fits.items()
+            }
+        else:
+            result = evaluate_domain_losses(
+                args.model,
+                args.data,
+                domains=args.domains,
+                max_seq_len=args.max_seq_len,
+                batch_size=args.batch_size,
+                max_samples=args.max_samples,
+                device=args.device,
+            )
+    except (OSError, ValueError, RuntimeError) as error:
+        # OSError covers a missing file or model (interface.ModelPathError); ValueError a
+        # fit file, a recipe or shards that do not hold what they should (a domain they do not
+        # have is named with the ones they have).
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if args.fit is not None:
-        if args.target_params is None:
-            print("error: --fit needs --target-params", file=sys.stderr)
-            return 2
-        sizes, per_domain = _load_fit_file(Path(args.fit))
-        if args.domains:
-            _check_domains(args.domains, list(per_domain), f"{args.fit} (losses)")
-            per_domain = {d: per_domain[d] for d in args.domains}
-        result = {}
         print(f"{'domain':<20} {'a':>12} {'b':>8} {'c':>8} {'L(target)':>10}", file=out)
-        for domain, values in per_domain.items():
-            params = fit_scaling_law(sizes, values)
-            result[domain] = predict_loss(params, args.target_params)
-            a, b, c = params
+        for domain, (a, b, c) in fits.items():
             print(f"{domain:<20} {a:>12.4g} {b:>8.4f} {c:>8.4f} {result[domain]:>10.4f}", file=out)
-    elif args.model is not None and args.data is not None:
-        result = evaluate_domain_losses(
-            args.model,
-            args.data,
-            domains=args.domains,
-            max_seq_len=args.max_seq_len,
-            batch_size=args.batch_size,
-            max_samples=args.max_samples,
-            device=args.device,
-        )
+    else:
         print(f"{'domain':<20} {'loss':>8}", file=out)
         for domain, value in result.items():
             print(f"{domain:<20} {value:>8.4f}", file=out)
-    else:
-        print(
-            "error: give either --model and --data, or --fit and --target-params", file=sys.stderr
-        )
-        return 2
     snippet = target_loss_snippet(result)
     print("\n" + snippet, end="", file=out)
     if args.out:
@@ -375,18 +380,37 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
             "`dynamic_batch_loading` YAML snippet."
         ),
     )
-    parser.add_argument("--model", help="Hugging Face model directory to evaluate")
+    parser.add_argument(
+        "--model", help="Hugging Face model directory (or hub id) to evaluate; needs --data"
+    )
     parser.add_argument("--data", help="directory with <domain>/eval MDS splits")
-    parser.add_argument("--domains", nargs="+", help="only these domains, printed in this order")
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        help="domains, in the train dataset's order (default: every domain of --data / --fit)",
+    )
     parser.add_argument(
         "--recipe", help="training YAML: its train domains (and their order) unless --domains"
     )
-    parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-samples", type=int, default=None, help="per domain")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--max-seq-len", type=positive_int, default=2048, help="tokens per eval sample (truncated)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="sequences per forward pass"
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=positive_int,
+        default=None,
+        help="eval samples per domain (default: all)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the evaluation (cuda, cpu)"
+    )
     parser.add_argument("--fit", help="YAML/JSON with `sizes: [...]` and `losses: {domain: [...]}`")
-    parser.add_argument("--target-params", type=float, help="target model size for --fit")
+    parser.add_argument(
+        "--target-params", type=float, help="target model size (parameters) for --fit"
+    )
     parser.add_argument("--out", help="also write the YAML snippet to this file")
     parser.set_defaults(func=_run)
     return parser

@@ -36,6 +36,7 @@ from composer_shear.distillation.teacher import (
     source_weights,
     teacher_forward,
 )
+from composer_shear.interface import ModelPathError, model_path
 from composer_shear.wrappers import hf_causal_lm
 
 __all__ = [
@@ -363,6 +364,14 @@ class KnowledgeDistillation(Algorithm):
         on_rank0 = dist.get_global_rank() == 0
         # Rank 0 holds the weights until FIT_START and broadcasts them; the others need only
         # the config (under init_device: mixed they hold no weights anyway).
+        if self.teacher_spec != SOURCE:
+            # Checked here, not when the YAML is built (recipes carry placeholder paths until
+            # a run fills them in): a missing directory is named instead of failing as a
+            # malformed hub id inside transformers.
+            try:
+                model_path(self.teacher_spec, "teacher model")
+            except ModelPathError as error:
+                raise ModelPathError(f"{YAML_KEY}.teacher: {error}") from error
         if self.teacher_spec == SOURCE:
             if on_rank0 or dist.get_world_size() == 1:
                 config, self._weights = source_weights(state.model, dtype)

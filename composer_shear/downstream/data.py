@@ -51,6 +51,7 @@ from composer_shear.downstream.tasks import (
     licence_table,
     task_spec,
 )
+from composer_shear.interface import ModelPathError, model_path, positive_int
 
 __all__ = [
     "MANIFEST_NAME",
@@ -719,10 +720,10 @@ def _run_cli(args: argparse.Namespace) -> int:
             shots=args.shots,
             source=args.source,
             overwrite=args.overwrite,
-            tokenizer=args.tokenizer,
+            tokenizer=None if args.tokenizer is None else model_path(args.tokenizer, "tokenizer"),
             max_seq_len=args.max_seq_len,
         )
-    except (EvalDataError, FileExistsError, KeyError, ValueError) as e:
+    except (EvalDataError, FileExistsError, KeyError, ModelPathError, ValueError) as e:
         # A KeyError's str() is its message in quotes.
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
@@ -749,7 +750,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         default=list(DEFAULT_TASKS),
         choices=list(TASKS),
         metavar="TASK",
-        help=f"tasks to write (default: {' '.join(DEFAULT_TASKS)})",
+        help="tasks to write",
     )
     parser.add_argument(
         "--items",
@@ -757,12 +758,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="rows per task, a seeded subset; 'all' (default) keeps every row",
     )
-    parser.add_argument("--seed", type=int, default=17, help="seed of the subsets (default 17)")
+    parser.add_argument("--seed", type=int, default=17, help="seed of the subsets")
     parser.add_argument(
         "--shots",
         choices=SHOTS,
         default="zero",
-        help="'zero' (default: every task 0-shot) or 'paper' (the Sheared-LLaMA paper's shots)",
+        help="'zero' (every task 0-shot) or 'paper' (the Sheared-LLaMA paper's shots)",
     )
     parser.add_argument(
         "--source",
@@ -777,9 +778,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-seq-len",
-        type=int,
+        type=positive_int,
         default=4096,
-        help="upper bound of the measured lengths (default 4096)",
+        help="upper bound of the measured lengths",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")
     parser.set_defaults(func=_run_cli)

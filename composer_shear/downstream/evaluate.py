@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 from composer_shear.downstream.data import EvalDataError, load_icl_tasks
 from composer_shear.downstream.lengths import context_limit, tight_max_seq_lens
 from composer_shear.downstream.tasks import TASKS
+from composer_shear.interface import ModelPathError, model_path, positive_int, progress
 
 __all__ = [
     "HARNESS",
@@ -261,26 +262,39 @@ def _progress_callback(interval_s: float) -> Any:
     from composer.loggers import Logger
 
     class Progress(Callback):
-        """Prints how far each evaluator is, at most every ``interval_s`` seconds."""
+        """A bar per evaluator on a terminal; else a line at most every ``interval_s`` seconds."""
 
         def __init__(self) -> None:
             self.started = self.last = 0.0
+            self.bar: Any = None
 
         def eval_start(self, state: State, logger: Logger) -> None:
             self.started = self.last = time.perf_counter()
+            total = state.dataloader_len  # a Time in batches, or None
+            self.bar = progress(
+                desc=str(state.dataloader_label),
+                total=int(total) if total is not None else None,
+                unit="batch",
+            )
 
         def eval_batch_end(self, state: State, logger: Logger) -> None:
+            if not self.bar.disable:
+                self.bar.update()
+                return
             now = time.perf_counter()
             if now - self.last >= interval_s:
                 self.last = now
                 done = int(state.eval_timestamp.batch)
-                total = state.dataloader_len  # a Time in batches, or None
+                total = state.dataloader_len
                 print(
                     f"    {state.dataloader_label}: batch {done}/"
                     f"{int(total) if total is not None else '?'}, "
                     f"{now - self.started:.0f}s",
                     flush=True,
                 )
+
+        def eval_end(self, state: State, logger: Logger) -> None:
+            self.bar.close()
 
     return Progress()
 
@@ -338,6 +352,7 @@ def evaluate_downstream(
         if unknown:
             raise KeyError(f"tasks {unknown} are not in {tasks} (it has {sorted(known)})")
         entries = [e for e in entries if e["label"] in set(labels)]
+    model_dir = Path(model_path(model_dir))
     if not (model_dir / "config.json").is_file():
         raise EvalDataError(f"{model_dir} is not a Hugging Face model directory (no config.json).")
     cap = max_seq_len or context_limit(model_dir) or 2048
@@ -454,7 +469,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             precision=args.precision,
             labels=args.only,
         )
-    except (EvalDataError, KeyError) as e:
+    except (EvalDataError, KeyError, ModelPathError) as e:
         # A KeyError's str() is its message in quotes.
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
@@ -481,15 +496,27 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "tasks", help="folder from `composer-shear eval-data`, or an icl_tasks YAML"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="sequences per forward pass"
+    )
     parser.add_argument(
         "--max-seq-len",
-        type=int,
+        type=positive_int,
         default=None,
         help="upper bound of the per-task lengths (default: the model's context)",
     )
-    parser.add_argument("--precision", default=None, help="fp32 (CPU default), amp_bf16 (GPU)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="TASK", help="task labels")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="Composer precision (default: fp32 on CPU, amp_bf16 on GPU)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="evaluate only these task labels (default: every task)",
+    )
     parser.add_argument("--out", default=None, help="also write the results as JSON")
     parser.set_defaults(func=_run_cli)
     return parser

@@ -29,6 +29,7 @@ from composer_shear.export.units import (
 )
 from composer_shear.export.writer import DTYPES, ExportError, check_out_dir, write_hf_directory
 from composer_shear.families import get_family
+from composer_shear.interface import ModelPathError, model_path
 from composer_shear.pruning.masking import GATES_ATTR, attach_gates, find_gates
 from composer_shear.shape import ModelShape
 
@@ -351,10 +352,11 @@ def _tokenizer(checkpoint: dict[str, Any], tokenizer_path: str | Path | None, sa
 
 def _run_cli(args: argparse.Namespace) -> int:
     try:
+        tokenizer = None if args.tokenizer is None else model_path(args.tokenizer, "tokenizer")
         summary = export_checkpoint(
-            args.checkpoint, args.out_dir, args.overwrite, args.tokenizer, args.dtype
+            args.checkpoint, args.out_dir, args.overwrite, tokenizer, args.dtype
         )
-    except ExportError as error:
+    except (ExportError, ModelPathError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary.describe())
@@ -378,7 +380,11 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("out_dir", help="output directory (must be empty or absent)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
-    parser.add_argument("--tokenizer", help="tokenizer directory if the checkpoint has none")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer directory (the source model's) if the checkpoint has none "
+        "(default: the checkpoint's own)",
+    )
     parser.add_argument(
         "--dtype",
         default="auto",

@@ -45,6 +45,7 @@ from composer_shear.export.surgery import PruningPlan, plan_from_masks, prune_mo
 from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
 from composer_shear.export.writer import ExportError, check_out_dir, write_hf_directory
 from composer_shear.families import get_family
+from composer_shear.interface import UsageError, model_path, positive_int
 from composer_shear.pruning.gates import top_k_mask
 from composer_shear.pruning.importance import (
     Importance,
@@ -271,9 +272,10 @@ def prune_oneshot_to_dir(
     if calibrated and data is None:
         raise ValueError(f"calibration data (--data) is required for method {method}")
     record = read_kept_units(units) if units else None
+    source = model_path(source)  # a missing directory: a clear error, not a hub-id error
     print(f"loading {source}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     source_shape = get_family(model).shape(model.config)
     if record is not None:
@@ -363,8 +365,22 @@ def prune_oneshot_to_dir(
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    # What the command line alone shows to be wrong is a usage error (exit 2).
+    given = [name for name in ("target_shape", "target_params", "units") if getattr(args, name)]
+    if not given:
+        raise UsageError("--target-shape is required unless --target-params or --units is given")
+    if len(given) > 1 and given != ["target_shape", "units"]:
+        raise UsageError("give --target-shape, --target-params or --units, not several")
+    if args.units is None and args.method in ("activation", "taylor") and args.data is None:
+        raise UsageError(f"--method {args.method} needs --data (or use --units)")
     try:
         target_shape = None if args.target_shape is None else parse_target_shape(args.target_shape)
+    except ValueError as error:  # ShapeError, or JSON that does not parse
+        message = str(error)
+        raise UsageError(
+            message if "--target-shape" in message else f"--target-shape: {message}"
+        ) from error
+    try:
         summary = prune_oneshot_to_dir(
             args.source,
             args.out_dir,
@@ -402,7 +418,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
             "learned route)."
         ),
     )
-    parser.add_argument("source", help="Hugging Face model directory")
+    parser.add_argument("source", help="Hugging Face model directory (or hub id)")
     parser.add_argument("out_dir", help="output directory (must be empty or absent)")
     parser.add_argument(
         "--target-shape",
@@ -431,22 +447,22 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--domains", nargs="+", help="domains to calibrate on (default: all)")
     parser.add_argument(
         "--calibration-tokens",
-        type=int,
+        type=positive_int,
         default=65536,
-        help="calibration tokens, rounded up to whole batches (default: %(default)s)",
+        help="calibration tokens, rounded up to whole batches",
     )
     parser.add_argument(
         "--max-seq-len",
-        type=int,
+        type=positive_int,
         default=2048,
-        help="tokens per calibration sequence (default: %(default)s)",
+        help="tokens per calibration sequence",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=8,
         help="sequences per calibration batch (taylor keeps one batch's activations and "
-        "logits for its backward pass: lower it for large models; default: %(default)s)",
+        "logits for its backward pass: lower it for large models)",
     )
     parser.add_argument(
         "--method",
@@ -455,7 +471,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="how units are scored: activation = mean activation magnitude (Minitron); "
         "taylor = |activation x gradient| of the calibration loss summed per unit, first-order "
         "Taylor (LLM-Pruner), one backward pass per batch, no weight gradients; random = a "
-        "baseline (default: %(default)s)",
+        "baseline",
     )
     parser.add_argument(
         "--layer-score",
@@ -476,7 +492,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="seed of the calibration pick and of random (default: %(default)s)",
+        help="seed of the calibration pick and of random",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.set_defaults(func=_run_cli)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from composer_shear.export.units import write_kept_units
+from composer_shear.interface import progress
 
 __all__ = ["DTYPES", "EXPORT_INFO", "ExportError", "check_out_dir", "write_hf_directory"]
 
@@ -69,21 +70,29 @@ def write_hf_directory(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    # Steps: weights (most of the time), tokenizer, records, publication.
+    bar = progress(desc=f"writing {out_dir.name}", total=4, unit="step")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        bar.update()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        bar.update()
         if info is not None:
             (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if kept_units is not None:
             write_kept_units(tmp, kept_units)
+        bar.update()
         if out_dir.exists():
             out_dir.rename(backup)
         tmp.rename(out_dir)
+        bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if backup.exists() and not out_dir.exists():
             backup.rename(out_dir)
         raise
+    finally:
+        bar.close()
     shutil.rmtree(backup, ignore_errors=True)
     return out_dir

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from composer_shear.families import get_family
+from composer_shear.interface import progress
 from composer_shear.shape import ModelShape
 
 __all__ = [
@@ -187,7 +188,7 @@ def collect_importance(
             return model(input_ids=ids.to(device), **extra)
 
     try:
-        for batch in batches:
+        for batch in progress(batches, desc="scoring units", unit="batch"):
             ids = batch["input_ids"] if isinstance(batch, dict) else batch
             acc["tokens"] += ids.numel()
             forward(batch)

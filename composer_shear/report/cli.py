@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,16 @@ from composer_shear.report.markdown import build_report
 def _run_cli(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        print(f"composer-shear report: no such run folder: {run_dir}")
+        print(f"error: no such run folder: {run_dir}", file=sys.stderr)
         return 1
-    print(build_report(run_dir, generations=not args.no_generations))
+    try:
+        report = build_report(run_dir, generations=not args.no_generations)
+    except (OSError, ValueError) as error:
+        # A model directory of run.json that is gone (interface.ModelPathError), a metrics
+        # file that does not parse.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report)
     return 0
 
 

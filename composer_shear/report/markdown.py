@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from composer_shear.downstream.evaluate import chance_levels, read_results, results_table
+from composer_shear.interface import ModelPathError, model_path
 from composer_shear.output_paths import check_output_dir
 from composer_shear.report.labels import (
     DIM_LABELS,
@@ -161,6 +162,11 @@ def _load_run(run_dir: Path, out_dir: Path) -> _Run:
         if not raw_models.get(name):
             continue
         directory = _resolve(run_dir, raw_models[name])
+        try:
+            model_path(directory)
+        except ModelPathError as e:  # a model folder that is gone: report it, don't crash
+            errors[name] = str(e)
+            continue
         if not (directory / "config.json").is_file():
             errors[name] = f"no `config.json` in `{directory}`"
             continue

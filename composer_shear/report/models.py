@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from composer_shear.families import get_family
+from composer_shear.interface import model_path
 
 if TYPE_CHECKING:
     from composer_shear.shape import ModelShape
@@ -47,7 +48,7 @@ def describe_model(name: str, path: str | Path) -> ModelInfo:
     """Reads a model directory's config and counts its parameters (no weights are loaded)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(model_path(path))
     shape = get_family(config).shape(config)
     return ModelInfo(name, Path(path), shape, shape.num_params(), shape.num_non_embedding_params())
 
