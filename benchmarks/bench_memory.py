@@ -30,14 +30,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_quality import SETTINGS, prepare
+from bench_quality import SETTINGS, load_settings, prepare
+from common import REPO, machine_line, machine_record
+from common import SMOLLM2_PRUNE_YAML as PRUNE_YAML
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from composer_shear.pruning.masking import attach_gates
-
-REPO = Path(__file__).resolve().parents[1]
-PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"
 
 CHILD = """
 import resource, subprocess, sys
@@ -99,7 +98,8 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = OmegaConf.to_container(OmegaConf.load(SETTINGS))
+    cfg = load_settings(SETTINGS)
+    print(machine_line(), flush=True)
     source, data, reference = prepare(out, cfg)
     vocab = AutoModelForCausalLM.from_pretrained(source).config.vocab_size
     saved = {
@@ -138,7 +138,15 @@ def main() -> int:
     for label, value in results.items():
         print(f"{label:>24}: {value / base:.3f}x plain")
     (out / "results.json").write_text(
-        json.dumps({"peak_rss_mib": results, "saved_for_backward_mib": saved}, indent=2)
+        json.dumps(
+            {
+                "peak_rss_mib": results,
+                "saved_for_backward_mib": saved,
+                "steps": args.steps,
+                "machine": machine_record(),
+            },
+            indent=2,
+        )
     )
     return 0
 
