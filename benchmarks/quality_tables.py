@@ -219,7 +219,9 @@ def plot_results(
         axis.axhline(statistics.fmean(reference.values()), color="grey", ls=":")
         axis.grid(alpha=0.3)
     ax.set_xlabel("training tokens (pruning + CPT)")
-    ax_c.set_xlabel("training compute, TFLOPs (6 N a training token, 4 N mask-only, 2 N forward-only)")
+    ax_c.set_xlabel(
+        "training compute, TFLOPs (6 N a training token, 4 N mask-only, 2 N forward-only)"
+    )
     ax.set_ylabel(f"mean eval loss over {len(cfg['domains'])} domains")
     ax.set_title("SmolLM2-135M -> 80.2M: eval loss vs. tokens (first seed)")
     ax_c.set_title("the same vs. compute (source model dotted)")
