@@ -522,7 +522,9 @@ def run_oneshot(bench: Bench, cell: Cell) -> Path:
     return pruned
 
 
-def pruning_record(bench: Bench, cell: Cell, pruned: Path, before: dict[str, float]) -> dict:
+def pruning_record(
+    bench: Bench, cell: Cell, pruned: Path, before: dict[str, float]
+) -> dict[str, Any]:
     """A pruning stage's landing, hardening deviation, export gap and units shared with one-shot."""
     prune_metrics = cell.run_dir(bench) / "metrics" / "prune.jsonl"
     deviations = last_metrics(prune_metrics, "pruning/")
@@ -724,9 +726,13 @@ def pending_cells(
 
 
 def run_cells(
-    bench: Bench, folder: Path, seeds: list[int], methods: list[str], steps: int, args: Any
-) -> None:
-    """Runs every pending cell into ``folder``, rewriting the tables after each."""
+    bench: Bench, folder: Path, seeds: list[int], methods: list[str], steps: int,
+    args: argparse.Namespace,
+) -> None:  # fmt: skip
+    """Runs every pending cell into ``folder``, rewriting the tables after each.
+
+    ``args`` gives ``force``, ``prune_only`` and ``downstream`` (the command line's).
+    """
     for seed, name, path in pending_cells(folder, seeds, methods, args.force):
         label = bench.cfg["methods"][name].get("label", name)
         log(f"{name} (seed {seed}): {'pruning stage only' if args.prune_only else label}")
