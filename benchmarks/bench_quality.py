@@ -522,26 +522,38 @@ def run_oneshot(bench: Bench, cell: Cell) -> Path:
     return pruned
 
 
+def landing(metrics_file: Path) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Per pruned dimension, the largest per-row distance of the expected keep from the target.
+
+    Returns:
+        At the end of pruning (the last ``pruning/<dim>/max_row_deviation_units`` logged), and
+        at the hardening batch (``pruning/hardening/<dim>/...``; None if never hardened).
+    """
+    last = last_metrics(metrics_file, "pruning/")
+    suffix = "/max_row_deviation_units"
+    at_end = {
+        key.split("/")[1]: value
+        for key, value in last.items()
+        if key.endswith(suffix) and not key.startswith("pruning/hardening/")
+    }
+    hardening = {
+        key.split("/")[2]: value
+        for key, value in last.items()
+        if key.startswith("pruning/hardening/") and key.endswith(suffix)
+    }
+    return at_end, hardening or None
+
+
 def pruning_record(
     bench: Bench, cell: Cell, pruned: Path, before: dict[str, float]
 ) -> dict[str, Any]:
     """A pruning stage's landing, hardening deviation, export gap and units shared with one-shot."""
     prune_metrics = cell.run_dir(bench) / "metrics" / "prune.jsonl"
-    deviations = last_metrics(prune_metrics, "pruning/")
-    landing = {
-        key.split("/")[1]: value
-        for key, value in deviations.items()
-        if key.endswith("/max_row_deviation_units") and "hardening" not in key
-    }
-    hardening = {
-        key.split("/")[2]: value
-        for key, value in deviations.items()
-        if key.startswith("pruning/hardening/") and key.endswith("/max_row_deviation_units")
-    }
+    at_end, hardening = landing(prune_metrics)
     gap = metrics_export_gap(read_metrics(prune_metrics), before, bench.cfg["domains"])
     return {
-        "landing": landing,
-        "hardening": hardening or None,
+        "landing": at_end,
+        "hardening": hardening,
         "export_gap": None if gap is None else gap[0] - gap[1],
         "units_shared_with_oneshot": units_shared_with_oneshot(
             pruned, cell.run_dir(bench), bench.source, bench.data, bench.cfg, cell.seed

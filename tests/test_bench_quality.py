@@ -177,6 +177,25 @@ def test_maskonly_stage_freezes_the_weights_and_hardens_on_its_last_step(bench, 
     assert "algorithms.targeted_pruning.objective=kd" not in overrides
 
 
+def test_landing_reads_the_end_of_pruning_and_the_hardening_batch(bench, tmp_path):
+    rows = [
+        {"step": 10, "metrics": {"pruning/intermediate/max_row_deviation_units": 40.0,
+                                 "pruning/hidden/max_row_deviation_units": 3.0}},
+        {"step": 25, "metrics": {"pruning/hardening/intermediate/max_row_deviation_units": 7.0,
+                                 "pruning/hardening/hidden/max_row_deviation_units": 0.0,
+                                 "pruning/intermediate/max_row_deviation_units": 0.0}},
+        {"step": 26, "metrics": {"pruning/hidden/max_row_deviation_units": 0.0,
+                                 "metrics/eval/code/LanguageCrossEntropy": 5.0}},
+    ]  # fmt: skip
+    metrics = tmp_path / "prune.jsonl"
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    at_end, hardening = bench.landing(metrics)
+    assert at_end == {"intermediate": 0.0, "hidden": 0.0}
+    assert hardening == {"intermediate": 7.0, "hidden": 0.0}
+    metrics.write_text(json.dumps(rows[0]) + "\n")
+    assert bench.landing(metrics) == ({"intermediate": 40.0, "hidden": 3.0}, None)
+
+
 def test_compute_per_token_of_each_route(bench, settings):
     def per_token(name):
         return bench.cell_flops_per_token(settings, bench.plan_cell(settings, name, 17, 512))
