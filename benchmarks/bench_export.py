@@ -17,20 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_line, recipe_target
 from peak_rss import PeakRSS
 from transformers import AutoModelForCausalLM
 
 from composer_shear.export.checkpoint import export_model
 from composer_shear.pruning.masking import attach_gates
 from composer_shear.weights.smollm2 import materialize_smollm2
-
-TARGET = dict(
-    num_hidden_layers=24,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    intermediate_size=1152,
-    hidden_size=512,
-)
 
 
 def measure(fn) -> tuple[float, int]:
@@ -49,7 +42,7 @@ def main() -> None:
     model_dir = materialize_smollm2(verbose=False)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    gates = attach_gates(model, TARGET)
+    gates = attach_gates(model, recipe_target())  # the demo recipe's target
     with torch.no_grad():  # non-trivial gate values, so folding really happens
         for gate in gates.gates.values():
             gate.log_alpha.normal_(1.0, 1.5, generator=torch.Generator().manual_seed(0))
@@ -72,6 +65,7 @@ def main() -> None:
                 results[name].append(measure(ops[name]))
 
     mib = 2**20
+    print(machine_line())
     print(
         f"SmolLM2-135M fp32 ({model_bytes / mib:.0f} MiB of parameters), "
         f"{args.repeats} repeats, median time / max peak RSS growth"

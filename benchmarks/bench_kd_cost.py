@@ -19,81 +19,28 @@ import json
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
+from common import machine_line, pruning_train_step, recipe_target, text_batches
 from peak_rss import PeakRSS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from composer_shear.distillation.algorithm import (
-    add_distillation_loss,
-    forward_kl,
-    predicted_positions,
-)
 from composer_shear.distillation.teacher import (
     build_teacher_skeleton,
     place_teacher,
     source_weights,
-    teacher_forward,
 )
-from composer_shear.pruning.algorithm import add_gate_param_groups
 from composer_shear.pruning.masking import attach_gates
 from composer_shear.weights.smollm2 import materialize_smollm2
 
-# The demo's SmolLM2 target (yamls/smollm2/prune.yaml): every kind of gate is active.
-TARGET = dict(
-    num_hidden_layers=24,
-    hidden_size=512,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    intermediate_size=1152,
-)
 SETUPS = ("pruning", "pruning+kd")
 
 
-def text_batches(tokenizer, batch: int, seq_len: int, count: int) -> list[torch.Tensor]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join((stdlib / n).read_text() for n in ("argparse.py", "typing.py", "ast.py"))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    need = batch * seq_len
-    if len(ids) < need * count:
-        raise SystemExit(f"not enough text for {count} batches of {batch} x {seq_len}")
-    return [ids[i * need : (i + 1) * need].view(batch, seq_len) for i in range(count)]
-
-
-def make_step(model, teacher=None, alpha: float = 0.5):
-    """A pruning training step of ``model``, gated here (with KD if ``teacher``)."""
+def make_step(model: torch.nn.Module, teacher: torch.nn.Module | None, alpha: float):
+    """The pruning step of ``model``, gated here at the recipe's target (with KD if ``teacher``)."""
     model.train()
-    gates = attach_gates(model, TARGET)
-    params = [p for n, p in model.named_parameters() if "shear_gates" not in n]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
-    optimizer.param_groups[0]["initial_lr"] = 1e-5
-    add_gate_param_groups(optimizer, gates, gate_lr=1.0, lambda_lr=1.0)
-    counter = [0]
-
-    def step(ids):
-        gates.start_step(seed=0, step=counter[0], rank=0)
-        counter[0] += 1
-        out = model(input_ids=ids, labels=ids)
-        loss = {"lm": out.loss, "lagrangian": gates.penalty, "total": out.loss + gates.penalty}
-        if teacher is not None:
-            batch = {"input_ids": ids, "labels": ids}
-            kd = forward_kl(
-                out.logits,
-                teacher_forward(teacher, batch),
-                predicted_positions(batch, ids.shape[1]),
-            )
-            loss = add_distillation_loss(loss, kd, alpha)
-        loss["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        gates.clamp_()
-        return float(loss["total"])
-
-    return step
+    return pruning_train_step(model, attach_gates(model, recipe_target()), teacher, alpha)
 
 
 def build(setups: tuple[str, ...], alpha: float):
@@ -166,6 +113,7 @@ def main() -> None:
     base_s, kd_s = (statistics.median(times[name]) for name in SETUPS)
     teacher_mb = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
     tokens = args.batch * args.seq_len
+    print(machine_line())
     print(
         f"SmolLM2-135M pruning, {args.batch} x {args.seq_len} tokens, AdamW, clipping, "
         f"{args.steps} timed steps each, {torch.get_num_threads()} threads, CPU fp32; "

@@ -30,14 +30,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_quality import SETTINGS, prepare
+from bench_quality import SETTINGS, load_settings, prepare
+from common import REPO, machine_line, machine_record
+from common import SMOLLM2_PRUNE_YAML as PRUNE_YAML
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from composer_shear.launch import mapping_override
 from composer_shear.pruning.masking import attach_gates
-
-REPO = Path(__file__).resolve().parents[1]
-PRUNE_YAML = REPO / "yamls" / "smollm2" / "prune.yaml"
 
 CHILD = """
 import resource, subprocess, sys
@@ -99,7 +99,8 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = OmegaConf.to_container(OmegaConf.load(SETTINGS))
+    cfg = load_settings(SETTINGS)
+    print(machine_line(), flush=True)
     source, data, reference = prepare(out, cfg)
     vocab = AutoModelForCausalLM.from_pretrained(source).config.vocab_size
     saved = {
@@ -114,7 +115,9 @@ def main() -> int:
         f"({saved['gated'] / saved['plain']:.3f}x)",
         flush=True,
     )
-    target_loss = ",".join(str(reference[d]) for d in cfg["domains"])
+    target_loss = mapping_override(
+        "variables.target_loss", {d: reference[d] for d in cfg["domains"]}
+    )
     results: dict[str, float] = {}
     for setup, label in (
         ("plain", "plain training"),
@@ -128,7 +131,7 @@ def main() -> int:
                 f"variables.run_dir={tmp}",
                 f"variables.steps={args.steps}",
                 f"variables.update_interval={args.steps}ba",  # one evaluation, at the end
-                f"variables.target_loss=[{target_loss}]",
+                target_loss,
             ]
             results[label] = peak_rss_mib(
                 job_yaml(Path(tmp), setup), overrides, out / f"{setup}.log"
@@ -138,7 +141,15 @@ def main() -> int:
     for label, value in results.items():
         print(f"{label:>24}: {value / base:.3f}x plain")
     (out / "results.json").write_text(
-        json.dumps({"peak_rss_mib": results, "saved_for_backward_mib": saved}, indent=2)
+        json.dumps(
+            {
+                "peak_rss_mib": results,
+                "saved_for_backward_mib": saved,
+                "steps": args.steps,
+                "machine": machine_record(),
+            },
+            indent=2,
+        )
     )
     return 0
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine_line
 from streaming import MDSWriter, Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 results[which].append(json.loads(out.strip().splitlines()[-1])["samples_per_s"])
 
+    print(machine_line())
     print(
         f"seq_len={args.seq_len} batch_size={args.batch_size} num_workers=0, "
         f"{args.rounds} rounds x {args.batches} batches, one process per round"

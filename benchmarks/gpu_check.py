@@ -26,30 +26,20 @@ import argparse
 import copy
 import os
 import statistics
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+from common import machine_line, pruning_train_step, recipe_target, text_batches
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from composer_shear.distillation.algorithm import forward_kl, predicted_positions
 from composer_shear.export.checkpoint import MODEL_PREFIX, export_model, gated_model_from_weights
-from composer_shear.pruning.algorithm import add_gate_param_groups
 from composer_shear.pruning.masking import attach_gates
 from composer_shear.sharding import full_state_dict
 
-# The SmolLM2 demo target: every kind of gate is active.
-TARGET = dict(
-    num_hidden_layers=24,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    intermediate_size=1152,
-    hidden_size=512,
-)
 SMOKE_TARGET = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -66,20 +56,9 @@ class Wrapper(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor):
-        """The HF model's output (loss and logits) on ``ids`` as its own labels."""
-        return self.model(input_ids=ids, labels=ids)
-
-
-def text_batches(tokenizer, batch: int, seq_len: int, count: int, vocab: int) -> list:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    names = ("argparse.py", "typing.py", "ast.py", "inspect.py", "pathlib.py", "enum.py")
-    text = "\n".join((stdlib / n).read_text() for n in names)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0] % vocab
-    need = batch * seq_len
-    reps = -(-need * count // ids.numel())
-    ids = ids.repeat(reps)
-    return [ids[i * need : (i + 1) * need].view(batch, seq_len) for i in range(count)]
+    def forward(self, **inputs: torch.Tensor):
+        """The HF model's output (loss and logits) on ``inputs`` (``input_ids``, ``labels``)."""
+        return self.model(**inputs)
 
 
 def shard(model: torch.nn.Module, device: torch.device) -> Wrapper:
@@ -94,40 +73,6 @@ def shard(model: torch.nn.Module, device: torch.device) -> Wrapper:
         fully_shard(layer, mp_policy=policy)
     fully_shard(wrapped, mp_policy=policy)
     return wrapped
-
-
-def make_step(wrapped: Wrapper, gates=None, teacher=None, alpha: float = 0.5):
-    """One training step (loss, backward, clipping, AdamW) of the FSDP2 model."""
-    params = [p for n, p in wrapped.named_parameters() if "shear_gates" not in n]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
-    if gates is not None:
-        optimizer.param_groups[0]["initial_lr"] = 1e-5
-        add_gate_param_groups(optimizer, gates, gate_lr=1.0, lambda_lr=1.0)
-    counter = [0]
-
-    def step(ids: torch.Tensor) -> float:
-        if gates is not None:
-            gates.start_step(seed=0, step=counter[0], rank=0)
-        counter[0] += 1
-        out = wrapped(ids)
-        loss = out.loss
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids).logits
-            mask = predicted_positions({"input_ids": ids, "labels": ids}, ids.shape[1])
-            kd = forward_kl(out.logits, teacher_logits, mask)
-            loss = alpha * kd + (1 - alpha) * loss
-        if gates is not None:
-            loss = loss + gates.penalty
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gates is not None:
-            gates.clamp_()
-        return float(loss)
-
-    return step
 
 
 def timed(step, batches, device) -> list[float]:
@@ -188,7 +133,7 @@ def main() -> None:
         from composer_shear.weights.smollm2 import materialize_smollm2
 
         model_dir = Path(args.model) if args.model else materialize_smollm2(verbose=False)
-        target = TARGET
+        target = recipe_target()  # yamls/smollm2/prune.yaml's
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     source = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     vocab = source.config.vocab_size
@@ -203,10 +148,10 @@ def main() -> None:
     kd_gates = attach_gates(kd_model, target)
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = copy.deepcopy(source).to(device, teacher_dtype).eval().requires_grad_(False)
-    plain = make_step(shard(plain_model, device))
+    plain = pruning_train_step(shard(plain_model, device))
     pruned_wrapped = shard(pruned_model, device)
-    pruned = make_step(pruned_wrapped, gates)
-    with_kd = make_step(shard(kd_model, device), kd_gates, teacher)
+    pruned = pruning_train_step(pruned_wrapped, gates)
+    with_kd = pruning_train_step(shard(kd_model, device), kd_gates, teacher)
 
     # Alternate the three steps so that clock and thermal drift hit all of them alike.
     times: dict[str, list[float]] = {"plain": [], "pruned": [], "kd": []}
@@ -234,7 +179,7 @@ def main() -> None:
         save_s = time.perf_counter() - start
 
     print(f"model {model_dir}, {args.batch} x {args.seq_len} tokens, {args.steps} timed steps")
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    print(machine_line())
     for name in ("plain", "pruned", "kd"):
         rate = tokens / median[name]
         print(f"  {name:7s} step {median[name] * 1e3:9.1f} ms  {rate:12,.0f} tok/s")
