@@ -6,6 +6,16 @@
   teacher (sharded beside the student under FSDP).
 """
 
-from composer_shear.distillation.algorithm import KnowledgeDistillation
+from typing import Any
 
 __all__ = ["KnowledgeDistillation"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, as composer_shear.pruning: the KD loss helpers are imported by the pruning
+    # algorithm (mask-only distillation) without loading the KD algorithm's teacher plumbing.
+    if name in __all__:
+        from composer_shear.distillation import algorithm
+
+        return getattr(algorithm, name)
+    raise AttributeError(name)

@@ -12,6 +12,16 @@
   Lagrangian penalty, the gate and multiplier parameter groups, hardening.
 """
 
-from composer_shear.pruning.algorithm import TargetedPruning, apply_targeted_pruning
+from typing import Any
 
 __all__ = ["TargetedPruning", "apply_targeted_pruning"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing a submodule (gates, masking) must not pull in the algorithm, which
+    # imports the distillation package, whose teacher imports masking again.
+    if name in __all__:
+        from composer_shear.pruning import algorithm
+
+        return getattr(algorithm, name)
+    raise AttributeError(name)
