@@ -33,7 +33,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,14 @@ from composer_shear.downstream.tasks import (
     TaskSpec,
     licence_table,
     task_spec,
+)
+from composer_shear.output_paths import (
+    OutputPathError,
+    check_replaceable,
+    recover_interrupted,
+    replace_dir,
+    staging_dir,
+    write_run_marker,
 )
 
 __all__ = [
@@ -465,15 +472,18 @@ def build_eval_data(
     tasks = list(dict.fromkeys(tasks))
     specs = [task_spec(name) for name in tasks]
     out_dir = Path(out_dir).resolve()
-    not_empty = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
-    if not_empty and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite.")
+    for line in recover_interrupted(out_dir):
+        print(line, file=sys.stderr)
+    try:
+        # Only a folder an earlier run of ours wrote is replaced, whatever --overwrite says.
+        check_replaceable(out_dir, "eval-data OUT", overwrite)
+    except OutputPathError as error:
+        raise FileExistsError(str(error)) from error
     command = _command(out_dir, tasks, items, seed, shots, source, tokenizer, max_seq_len)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed into place, so that a failure never leaves a
     # half-written folder behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
         written: dict[str, dict[str, Any]] = {}
         entries = []
@@ -551,9 +561,11 @@ def build_eval_data(
         (staging / SOURCES_NAME).write_text(
             _sources_markdown(tasks, written, command, source), encoding="utf-8"
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        staging.rename(out_dir)
+        write_run_marker(staging, "composer-shear eval-data")
+        replace_dir(staging, out_dir)
+    except OutputPathError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileExistsError(str(error)) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -9,8 +9,8 @@ and the kept-units record (:mod:`composer_shear.export.units`).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,29 @@ import torch
 from torch import nn
 
 from composer_shear.export.units import write_kept_units
+from composer_shear.output_paths import (
+    EXPORT_RECORD,
+    OutputPathError,
+    check_replaceable,
+    recover_interrupted,
+    replace_dir,
+    staging_dir,
+)
 
-__all__ = ["DTYPES", "EXPORT_INFO", "ExportError", "check_out_dir", "write_hf_directory"]
+__all__ = [
+    "DTYPES",
+    "EXPORT_INFO",
+    "ExportError",
+    "check_finite_tensors",
+    "check_out_dir",
+    "write_hf_directory",
+]
 
+log = logging.getLogger(__name__)
 
-EXPORT_INFO = "composer_shear_export.json"
+# The export record: what was cut, from what. Its presence also marks the folder as ours, so
+# a later ``overwrite`` may replace it (:mod:`composer_shear.output_paths`).
+EXPORT_INFO = EXPORT_RECORD
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,12 +51,36 @@ class ExportError(RuntimeError):
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Raises ExportError unless ``out_dir`` is absent, empty, or may be overwritten."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    """Raises ExportError unless ``out_dir`` is absent, empty, or an export we may replace.
+
+    Leftovers of an interrupted earlier export to ``out_dir`` are cleaned first (and logged).
+    A non-empty folder without our export record is refused even with ``overwrite``.
+    """
+    for line in recover_interrupted(out_dir):
+        log.warning("%s", line)
+    try:
+        check_replaceable(out_dir, "output directory", overwrite)
+    except OutputPathError as error:
+        raise ExportError(str(error)) from error
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raises ExportError naming every tensor of ``tensors`` that holds a NaN or an infinity.
+
+    Args:
+        tensors: Name -> tensor (e.g. a state dict).
+        what: What the tensors are, for the message.
+    """
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise ExportError(
-            f"Output directory {out_dir} is not empty; pass --overwrite to replace it."
+            f"{what}: non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}. "
+            "Nothing was written; the gates or weights diverged before this point."
         )
 
 
@@ -53,37 +95,37 @@ def write_hf_directory(
     """Writes ``model`` (+ tokenizer) as a Hugging Face directory, atomically.
 
     Everything goes to a temporary sibling first and is renamed into place at the end, so a
-    failure never leaves a half-written ``out_dir`` (and an existing one survives it).
+    failure never leaves a half-written ``out_dir`` (and an existing one survives it). Every
+    tensor is checked to be finite before anything is written. A folder is only replaced if
+    it holds our export record (:func:`check_out_dir`).
 
     Args:
         model: The model to write.
         out_dir: Output directory.
         tokenizer: Tokenizer to save beside the weights.
         overwrite: Replace a non-empty ``out_dir``.
-        info: Written as ``composer_shear_export.json``.
+        info: Written as ``composer_shear_export.json`` (an empty record if ``None``: the
+            file marks the folder as ours).
         kept_units: A :func:`~composer_shear.export.units.kept_units_record`, written as
             ``composer_shear_kept_units.json``.
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    check_finite_tensors(model.state_dict(), f"export to {out_dir}")
+    tmp = staging_dir(out_dir)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if info is not None:
-            (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if kept_units is not None:
             write_kept_units(tmp, kept_units)
-        if out_dir.exists():
-            out_dir.rename(backup)
-        tmp.rename(out_dir)
+        # The record goes last: a staged folder with a record is a complete export.
+        (tmp / EXPORT_INFO).write_text(json.dumps(info or {}, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
+    except OutputPathError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(str(error)) from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if backup.exists() and not out_dir.exists():
-            backup.rename(out_dir)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
     return out_dir

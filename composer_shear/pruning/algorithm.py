@@ -260,8 +260,10 @@ class TargetedPruning(Algorithm):
     the unmodified model and adds their optimizer groups; at ``FIT_START`` of a new run it
     optionally initialises the gates from activation importance (``init: activation``); at
     ``BATCH_START`` it ramps each dimension's target sparsity linearly over
-    ``lagrangian_warmup``; at ``AFTER_LOSS`` it adds the Lagrangian penalty (computed in the
-    forward pass) to the loss; at ``BATCH_END`` it clamps log-alpha and logs expected vs.
+    ``lagrangian_warmup``; at ``AFTER_LOSS`` it checks that the gates, multipliers and penalty
+    are finite (else :class:`~composer_shear.pruning.masking.NonFiniteGateError` names the
+    dimension, layer and step) and adds the Lagrangian penalty (computed in the forward pass)
+    to the loss; at ``BATCH_END`` it clamps log-alpha and logs expected vs.
     target sparsity, multipliers, expected parameter count and penalty. Evaluation runs the
     deterministic masks (``eval_at``).
 
@@ -449,6 +451,7 @@ class TargetedPruning(Algorithm):
             if self.landing_eval_batches > 0:
                 self._log_landing(state, gates, logger)
         elif event == Event.AFTER_LOSS:
+            gates.check_finite(int(state.timestamp.batch) + 1)
             self._add_penalty(state, gates)
         elif event == Event.BATCH_END:
             gates.clamp_()
