@@ -32,12 +32,14 @@ def test_check_output_dir_and_file(tmp_path):
         check_output_file(tmp_path, "some.key")
     full = tmp_path / "full"
     (full / "x").mkdir(parents=True)
-    with pytest.raises(OutputPathError, match=r"exists and is not empty.*overwrite"):
+    with pytest.raises(OutputPathError, match=r"is not empty and was not written by"):
         check_output_dir(full, "some.key", overwrite=False)
     # With overwrite, only a folder composer_shear wrote may be replaced (test_output_safety).
     with pytest.raises(OutputPathError, match="was not written by composer_shear"):
         check_output_dir(full, "some.key", overwrite=True)
     (full / RUN_MARKER).write_text("{}")
+    with pytest.raises(OutputPathError, match=r"exists and is not empty.*overwrite"):
+        check_output_dir(full, "some.key", overwrite=False)
     assert check_output_dir(full, "some.key", overwrite=True) == full
     fresh = tmp_path / "new" / "deeper" / "export"
     assert check_output_dir(fresh, "some.key", overwrite=False) == fresh
