@@ -23,6 +23,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from composer.utils import ObjectStore, get_file, maybe_create_object_store_from_uri, parse_uri
+
 __all__ = [
     "EXPORT_RECORD",
     "OWNERSHIP_FILES",
@@ -30,12 +32,21 @@ __all__ = [
     "OutputPathError",
     "check_output_dir",
     "check_output_file",
+    "check_remote_output",
     "check_replaceable",
+    "delete_remote",
+    "download_dir",
+    "download_file",
+    "is_inside",
     "is_ours",
+    "is_remote",
+    "list_remote",
     "not_ours_message",
+    "object_store_of",
     "recover_interrupted",
     "replace_dir",
     "staging_dir",
+    "upload_dir",
     "write_run_marker",
 ]
 
@@ -145,7 +156,7 @@ def write_run_marker(folder: str | os.PathLike, what: str) -> None:
     (Path(folder) / RUN_MARKER).write_text(json.dumps(record) + "\n")
 
 
-def not_ours_message(path: Path, key: str) -> str:
+def not_ours_message(path: str | os.PathLike, key: str) -> str:
     """The refusal for a non-empty folder composer_shear did not write."""
     return (
         f"{key}: {path} is not empty and was not written by composer_shear (it holds neither "
@@ -256,3 +267,141 @@ def replace_dir(staged: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         raise
     shutil.rmtree(backup, ignore_errors=True)
     return out_dir
+
+
+# -- object stores: the same paths as s3://, gs://, oci://... URIs --------------------------------
+#
+# Every path a user gives may be an object-store URI, served by Composer's own object stores
+# (``maybe_create_object_store_from_uri``; ``S3_ENDPOINT_URL`` etc. as for a Composer
+# ``save_folder``). Writers stage locally and upload; readers download into a scratch folder.
+# A URI is never turned into a local ``Path`` (that is how a folder named ``s3:`` came about).
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an object-store URI (``s3://...``) rather than a local path."""
+    backend, _, _ = parse_uri(str(path))
+    return backend != ""
+
+
+def object_store_of(uri: str, key: str) -> tuple[ObjectStore, str]:
+    """Composer's object store for ``uri`` and the object prefix inside it.
+
+    Raises:
+        OutputPathError: The scheme is not one Composer serves (message names ``key``).
+    """
+    try:
+        store = maybe_create_object_store_from_uri(uri)
+    except (NotImplementedError, ValueError, ImportError) as error:
+        raise OutputPathError(
+            f"{key}: {uri}: this object store cannot be used ({error}). Use a local path or "
+            "one of the schemes Composer serves (s3://, gs://, oci://, dbfs:/Volumes, ...). "
+            "Nothing was written."
+        ) from error
+    if store is None:  # a local path after all
+        raise OutputPathError(f"{key}: {uri} is not an object-store URI.")
+    _, _, prefix = parse_uri(uri)
+    return store, prefix.strip("/")
+
+
+def list_remote(uri: str, key: str) -> list[str]:
+    """Object names under the folder ``uri`` (relative to it), sorted.
+
+    Raises:
+        OutputPathError: The store cannot list (or cannot be reached).
+    """
+    store, prefix = object_store_of(uri, key)
+    lister = getattr(store, "list_objects", None)
+    if lister is None:
+        raise OutputPathError(f"{key}: {uri}: this object store cannot list a folder.")
+    try:
+        names = lister(f"{prefix}/")
+    except Exception as error:  # botocore / cloud SDK errors: report them with the key
+        raise OutputPathError(f"{key}: cannot reach {uri}: {error}") from error
+    store_prefix = getattr(store, "prefix", "") or ""
+    return sorted(name[len(store_prefix) + len(prefix) + 1 :] for name in names)
+
+
+def check_remote_output(uri: str, key: str, overwrite: bool) -> None:
+    """The ownership rule of :func:`check_replaceable` for an object-store folder.
+
+    Also proves early that the store is reachable (it lists the folder).
+    """
+    names = list_remote(uri, key)
+    if not names:
+        return
+    if not any(name in OWNERSHIP_FILES for name in names):
+        raise OutputPathError(not_ours_message(uri, key))
+    if not overwrite:
+        raise OutputPathError(
+            f"{key}: {uri} already holds an export; choose another folder or set overwrite "
+            "(--overwrite). Nothing was written."
+        )
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, key: str) -> None:
+    """Uploads every file of ``local_dir`` under ``uri``, ownership files last.
+
+    Objects of an earlier export under ``uri`` that the new one does not have are deleted
+    after the upload (the folder was checked to be ours). The export record goes last, so
+    a folder whose upload was cut short still holds the previous record (or none) and a
+    reader of the record sees a complete export.
+    """
+    store, prefix = object_store_of(uri, key)
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name in OWNERSHIP_FILES)
+    before = set(list_remote(uri, key))
+    for path in files:
+        store.upload_object(f"{prefix}/{path.relative_to(local_dir).as_posix()}", str(path))
+    stale = before - {p.relative_to(local_dir).as_posix() for p in files}
+    delete_remote(uri, sorted(stale), key)
+
+
+def delete_remote(uri: str, names: list[str], key: str) -> None:
+    """Deletes the objects ``names`` (relative to the folder ``uri``)."""
+    if not names:
+        return
+    store, prefix = object_store_of(uri, key)
+    client, bucket = getattr(store, "client", None), getattr(store, "bucket", None)
+    if client is None or not hasattr(client, "delete_object"):
+        raise OutputPathError(f"{key}: {uri}: deleting objects is only supported on S3 stores.")
+    for name in names:
+        client.delete_object(Bucket=bucket, Key=store.get_key(f"{prefix}/{name}"))
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike, key: str) -> Path:
+    """Downloads every object under the folder ``uri`` into ``local_dir``; returns it.
+
+    Raises:
+        OutputPathError: Nothing under ``uri``, or the store cannot be read.
+    """
+    names = list_remote(uri, key)
+    if not names:
+        raise OutputPathError(f"{key}: nothing under {uri}.")
+    local_dir = Path(local_dir)
+    for name in names:
+        destination = local_dir / name
+        if not is_inside(destination, local_dir):
+            raise OutputPathError(f"{key}: {uri}: object name {name!r} leaves the folder.")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        get_file(f"{uri.rstrip('/')}/{name}", str(destination), overwrite=True)
+    return local_dir
+
+
+def download_file(uri: str, destination: str | os.PathLike, key: str) -> Path:
+    """Downloads the object ``uri`` (or the target of ``uri.symlink``) to ``destination``.
+
+    Raises:
+        OutputPathError: The object does not exist or cannot be read.
+    """
+    object_store_of(uri, key)  # an unsupported scheme fails with the key named
+    try:
+        get_file(uri, str(destination), overwrite=True)
+    except FileNotFoundError as error:
+        raise OutputPathError(f"{key}: {uri} does not exist.") from error
+    return Path(destination)
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` resolves to a location inside ``folder`` (no ``..`` or absolute escape)."""
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))

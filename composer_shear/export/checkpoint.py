@@ -9,7 +9,9 @@ it claims to come from is an error, never a silent random init.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -17,8 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from composer.utils import parse_uri
+from numpy._core import multiarray as np_multiarray
 from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.torch_version import TorchVersion
 
 from composer_shear.export.surgery import PruningPlan, plan_pruning, prune_model
 from composer_shear.export.units import (
@@ -29,6 +36,13 @@ from composer_shear.export.units import (
 )
 from composer_shear.export.writer import DTYPES, ExportError, check_out_dir, write_hf_directory
 from composer_shear.families import get_family
+from composer_shear.output_paths import (
+    OutputPathError,
+    download_dir,
+    download_file,
+    is_remote,
+    list_remote,
+)
 from composer_shear.pruning.masking import GATES_ATTR, attach_gates, find_gates
 from composer_shear.shape import ModelShape
 
@@ -37,6 +51,7 @@ __all__ = [
     "ExportSummary",
     "export_checkpoint",
     "export_model",
+    "fetch_checkpoint",
     "gated_model_from_checkpoint",
     "gated_model_from_weights",
     "load_composer_checkpoint",
@@ -50,7 +65,7 @@ MODEL_PREFIX = "model."  # Composer's HuggingFaceModel keeps the HF model as `.m
 class ExportSummary:
     """What an export produced."""
 
-    out_dir: Path
+    out_dir: str | Path
     source: ModelShape
     target: ModelShape
     kept_layers: list[int]
@@ -101,7 +116,7 @@ def export_model(
         dtype: Dtype of the written weights (default: the model's).
     """
     start = time.perf_counter()
-    check_out_dir(Path(out_dir), overwrite)
+    check_out_dir(out_dir, overwrite)
     gates = find_gates(hf_model)
     if gates is None:
         raise ExportError("The model carries no pruning gates.")
@@ -142,18 +157,96 @@ def _resolve_checkpoint_file(path: Path) -> Path:
     return candidates[-1]
 
 
-def load_composer_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a Composer checkpoint file, checkpoint folder, or sharded checkpoint folder."""
+def fetch_checkpoint(uri: str, scratch: str | Path) -> Path:
+    """Downloads the checkpoint at object-store ``uri`` into ``scratch``; returns its local path.
+
+    ``uri`` is a checkpoint object (``s3://b/run/ep0-ba6-rank0.pt``) or a save folder: its
+    sharded checkpoint (a ``.metadata`` object: every shard is downloaded), else the file
+    ``latest-rank0.pt`` points to (Composer uploads it as a ``.symlink`` object), else the
+    last ``*.pt`` by name.
+
+    Raises:
+        ExportError: Nothing usable at ``uri``, an unsupported scheme, an unreachable store.
+    """
+    key = "checkpoint"
+    scratch = Path(scratch)
+    try:
+        names = list_remote(uri, key)
+        if not names:
+            return download_file(uri, scratch / Path(parse_uri(uri)[2]).name, key)
+        if ".metadata" in names:
+            return download_dir(uri, scratch / "sharded", key)
+        if "latest-rank0.pt.symlink" in names:
+            return download_file(
+                f"{uri.rstrip('/')}/latest-rank0.pt.symlink", scratch / "latest.pt", key
+            )
+        checkpoints = [n for n in names if n.endswith(".pt") and "/" not in n]
+        if not checkpoints:
+            raise ExportError(f"No Composer checkpoint (*.pt) under {uri}.")
+        return download_file(f"{uri.rstrip('/')}/{checkpoints[-1]}", scratch / checkpoints[-1], key)
+    except OutputPathError as error:
+        raise ExportError(str(error)) from error
+
+
+def _safe_checkpoint_globals() -> list[Any]:
+    """The non-tensor types a Composer checkpoint holds, for ``torch.load(weights_only=True)``.
+
+    Composer pickles numpy arrays and dtypes (RNG state), ``TorchVersion`` and
+    ``datetime.timedelta`` (timestamps) besides tensors and plain containers; none of these
+    runs code when unpickled.
+    """
+    return [
+        np.ndarray,
+        np.dtype,
+        np_multiarray._reconstruct,
+        *(getattr(np.dtypes, name) for name in np.dtypes.__all__),
+        TorchVersion,
+        datetime.timedelta,
+    ]
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    """``torch.load`` restricted to the allow-listed types unless ``trust``; memory-mapped."""
+    if trust:
+        # The user vouched for the file: arbitrary pickles (and the code they run) allowed.
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as error:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            except Exception:  # the listing is only for the message
+                unsafe = []
+            raise ExportError(
+                f"{path} holds objects beyond tensors and the types Composer checkpoints "
+                f"use ({', '.join(unsafe) or error}); loading it could run code from the file. "
+                "If you trust where it came from, pass --trust-checkpoint "
+                "(trust_checkpoint=True)."
+            ) from error
+
+
+def load_composer_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Reads a Composer checkpoint file, checkpoint folder, or sharded checkpoint folder.
+
+    The file is memory-mapped, so tensors that are never used (optimizer state) are never
+    read, and unpickled with ``weights_only=True`` plus an allow-list of the types Composer
+    checkpoints hold, so a crafted file cannot run code, unless ``trust_checkpoint``.
+
+    Args:
+        path: A local checkpoint file or folder (see :func:`fetch_checkpoint` for URIs).
+        trust_checkpoint: Allow arbitrary pickled objects (runs code from the file).
+    """
     path = _resolve_checkpoint_file(Path(path))
     if path.is_dir():
         # Sharded FSDP checkpoint: consolidate with torch's own converter.
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
         with tempfile.TemporaryDirectory() as tmp:
             merged = Path(tmp) / "consolidated.pt"
             try:
                 dcp_to_torch_save(str(path), str(merged))
-                checkpoint = torch.load(merged, map_location="cpu", weights_only=False)
+                checkpoint = _torch_load(merged, trust_checkpoint)
+            except ExportError:
+                raise
             except Exception as error:
                 raise ExportError(
                     f"Could not consolidate the sharded checkpoint {path}: {error}. Save with "
@@ -162,8 +255,9 @@ def load_composer_checkpoint(path: str | Path) -> dict[str, Any]:
                 ) from error
     else:
         try:
-            # Composer checkpoints pickle more than tensors; only load files you trust.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = _torch_load(path, trust_checkpoint)
+        except ExportError:
+            raise
         except Exception as error:
             raise ExportError(f"Cannot read checkpoint {path}: {error}") from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state"), dict):
@@ -273,39 +367,46 @@ def export_checkpoint(
     overwrite: bool = False,
     tokenizer_path: str | Path | None = None,
     dtype: str = "auto",
+    trust_checkpoint: bool = False,
 ) -> ExportSummary:
     """``composer-shear export``: Composer checkpoint -> compact Hugging Face directory.
 
     Args:
-        checkpoint_path: A checkpoint file, a save folder, or a sharded checkpoint folder.
-        out_dir: Output directory (must be empty unless ``overwrite``).
-        overwrite: Replace a non-empty output directory.
+        checkpoint_path: A checkpoint file, a save folder, or a sharded checkpoint folder;
+            local or an object-store URI (``s3://bucket/run/checkpoints``).
+        out_dir: Output directory, local or an object-store URI (must be empty unless
+            ``overwrite``, and only an earlier export is ever replaced).
+        overwrite: Replace an earlier export in ``out_dir``.
         tokenizer_path: Tokenizer to use when the checkpoint carries none.
         dtype: ``auto`` (the source config's dtype, else float32), or an explicit dtype.
+        trust_checkpoint: Unpickle arbitrary objects from the checkpoint (runs its code).
 
     Raises:
         ExportError: Bad checkpoint, no pruning state, no tokenizer, non-empty output.
     """
     start = time.perf_counter()
-    check_out_dir(Path(out_dir), overwrite)
-    checkpoint = load_composer_checkpoint(checkpoint_path)
-    # The tokenizer's files are materialised here (not in the working directory) and must
-    # outlive the export, which saves them next to the weights.
-    tokenizer_dir = tempfile.TemporaryDirectory(prefix="composer_shear_tokenizer_")
-    tokenizer = _tokenizer(checkpoint, tokenizer_path, tokenizer_dir.name)
-    model = gated_model_from_checkpoint(checkpoint)
-    del checkpoint
-    if dtype == "auto":
-        torch_dtype = getattr(model.config, "torch_dtype", None)
-        if isinstance(torch_dtype, str):
-            torch_dtype = DTYPES.get(torch_dtype)
-        torch_dtype = torch_dtype or torch.float32
-    else:
-        torch_dtype = DTYPES[dtype]
-    try:
+    check_out_dir(out_dir, overwrite)
+    # Downloads and the tokenizer's files live here (never in the working directory); the
+    # tokenizer must outlive the export, which saves it next to the weights.
+    with tempfile.TemporaryDirectory(prefix="composer_shear_export_") as scratch:
+        local = checkpoint_path
+        if is_remote(checkpoint_path):
+            print(f"downloading {checkpoint_path}", flush=True)
+            local = fetch_checkpoint(str(checkpoint_path), Path(scratch) / "checkpoint")
+        checkpoint = load_composer_checkpoint(local, trust_checkpoint)
+        tokenizer_dir = Path(scratch) / "tokenizer"
+        tokenizer_dir.mkdir()
+        tokenizer = _tokenizer(checkpoint, tokenizer_path, str(tokenizer_dir))
+        model = gated_model_from_checkpoint(checkpoint)
+        del checkpoint
+        if dtype == "auto":
+            torch_dtype = getattr(model.config, "torch_dtype", None)
+            if isinstance(torch_dtype, str):
+                torch_dtype = DTYPES.get(torch_dtype)
+            torch_dtype = torch_dtype or torch.float32
+        else:
+            torch_dtype = DTYPES[dtype]
         summary = export_model(model, out_dir, tokenizer, overwrite, dtype=torch_dtype)
-    finally:
-        tokenizer_dir.cleanup()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -340,7 +441,12 @@ def _tokenizer(checkpoint: dict[str, Any], tokenizer_path: str | Path | None, sa
 def _run_cli(args: argparse.Namespace) -> int:
     try:
         summary = export_checkpoint(
-            args.checkpoint, args.out_dir, args.overwrite, args.tokenizer, args.dtype
+            args.checkpoint,
+            args.out_dir,
+            args.overwrite,
+            args.tokenizer,
+            args.dtype,
+            trust_checkpoint=args.trust_checkpoint,
         )
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -361,11 +467,20 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "checkpoint", help="checkpoint file, save folder, or sharded checkpoint folder"
+        "checkpoint",
+        help="checkpoint file, save folder, or sharded checkpoint folder (local or s3://...)",
     )
-    parser.add_argument("out_dir", help="output directory (must be empty or absent)")
+    parser.add_argument(
+        "out_dir", help="output directory, local or s3://... (must be empty or absent)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.add_argument("--tokenizer", help="tokenizer directory if the checkpoint has none")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle any object in the checkpoint (runs code from the file; default: "
+        "tensors and the types Composer checkpoints hold only)",
+    )
     parser.add_argument(
         "--dtype",
         default="auto",

@@ -218,7 +218,7 @@ def prune_oneshot_to_dir(
         raise ValueError("a target shape is required (unless units gives the units)")
     if method not in (*METHODS, "units"):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_out_dir(Path(out_dir), overwrite)
+    check_out_dir(out_dir, overwrite)
     if method == "activation" and data is None:
         raise ValueError("calibration data (--data) is required for method activation")
     record = read_kept_units(units) if units else None

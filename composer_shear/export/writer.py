@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,13 @@ from composer_shear.export.units import write_kept_units
 from composer_shear.output_paths import (
     EXPORT_RECORD,
     OutputPathError,
+    check_remote_output,
     check_replaceable,
+    is_remote,
     recover_interrupted,
     replace_dir,
     staging_dir,
+    upload_dir,
 )
 
 __all__ = [
@@ -50,15 +54,20 @@ class ExportError(RuntimeError):
     """The checkpoint or the output directory cannot be used; nothing was written."""
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
     """Raises ExportError unless ``out_dir`` is absent, empty, or an export we may replace.
 
     Leftovers of an interrupted earlier export to ``out_dir`` are cleaned first (and logged).
     A non-empty folder without our export record is refused even with ``overwrite``.
+    ``out_dir`` may be an object-store URI (``s3://bucket/folder``): the same rule holds for
+    the objects under it, and the store must be reachable.
     """
-    for line in recover_interrupted(out_dir):
-        log.warning("%s", line)
     try:
+        if is_remote(out_dir):
+            check_remote_output(str(out_dir), "output directory", overwrite)
+            return
+        for line in recover_interrupted(out_dir):
+            log.warning("%s", line)
         check_replaceable(out_dir, "output directory", overwrite)
     except OutputPathError as error:
         raise ExportError(str(error)) from error
@@ -91,7 +100,7 @@ def write_hf_directory(
     overwrite: bool = False,
     info: dict[str, Any] | None = None,
     kept_units: dict[str, Any] | None = None,
-) -> Path:
+) -> str | Path:
     """Writes ``model`` (+ tokenizer) as a Hugging Face directory, atomically.
 
     Everything goes to a temporary sibling first and is renamed into place at the end, so a
@@ -101,7 +110,8 @@ def write_hf_directory(
 
     Args:
         model: The model to write.
-        out_dir: Output directory.
+        out_dir: Output directory, or an object-store URI (``s3://bucket/folder``: staged
+            locally, then uploaded through Composer's object store).
         tokenizer: Tokenizer to save beside the weights.
         overwrite: Replace a non-empty ``out_dir``.
         info: Written as ``composer_shear_export.json`` (an empty record if ``None``: the
@@ -109,6 +119,18 @@ def write_hf_directory(
         kept_units: A :func:`~composer_shear.export.units.kept_units_record`, written as
             ``composer_shear_kept_units.json``.
     """
+    if is_remote(out_dir):
+        check_out_dir(out_dir, overwrite)
+        # Staged whole on local disk, then uploaded (export record last).
+        with tempfile.TemporaryDirectory(prefix="composer_shear_upload_") as scratch:
+            local = write_hf_directory(
+                model, Path(scratch) / "export", tokenizer, info=info, kept_units=kept_units
+            )
+            try:
+                upload_dir(local, str(out_dir), "output directory")
+            except OutputPathError as error:
+                raise ExportError(str(error)) from error
+        return out_dir
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     check_finite_tensors(model.state_dict(), f"export to {out_dir}")
