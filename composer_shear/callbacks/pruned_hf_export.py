@@ -11,15 +11,20 @@ from typing import Any
 
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, parse_uri
 
 from composer_shear.data.descriptors import bound_open_files
 from composer_shear.export.checkpoint import MODEL_PREFIX, export_model, gated_model_from_weights
 from composer_shear.export.writer import DTYPES
 from composer_shear.output_paths import (
+    EXPORT_RECORD,
     OutputPathError,
     check_output_dir,
+    check_remote_output,
+    delete_remote,
     is_ours,
+    is_remote,
+    list_remote,
     recover_interrupted,
 )
 from composer_shear.pruning.masking import find_gated_hf_model, find_gates
@@ -61,6 +66,9 @@ class PrunedHFExport(Callback):
 
     Args:
         save_folder: Output directory of the final export; ``{run_name}`` is substituted.
+            An object-store URI (``s3://bucket/run/pruned_hf``) works as for LLM Foundry's
+            ``hf_checkpointer``: the export is staged locally and uploaded through Composer's
+            object store; the folder is checked (reachable, empty or ours) at ``INIT``.
         save_interval: Also export every this many batches (``"500ba"``, an int or a
             ``Time`` in batches), to ``<save_folder>_ba<N>``. None: only at fit end.
         precision: Dtype of the written weights (``float32``, ``bfloat16``, ``float16``).
@@ -109,22 +117,27 @@ class PrunedHFExport(Callback):
         self.dtype = DTYPES[precision] if precision else None
         self.overwrite = overwrite
         self.save_num_checkpoints_to_keep = save_num_checkpoints_to_keep
-        self.exported: list[Path] = []
-        self.periodic: list[Path] = []  # this run's periodic exports, oldest first
+        self.exported: list[str | Path] = []
+        self.periodic: list[str] = []  # this run's periodic exports, oldest first
         bound_open_files()
 
-    def _folder(self, state: State, suffix: str = "") -> Path:
-        return Path(self.save_folder.format(run_name=state.run_name) + suffix)
+    def _folder(self, state: State, suffix: str = "") -> str:
+        # A string, not a Path: an object-store URI must keep its "s3://".
+        return self.save_folder.format(run_name=state.run_name) + suffix
 
     def init(self, state: State, logger: Logger) -> None:
         """Checks the export folder(s) before anything trains (rank 0 checks, every rank stops)."""
         problem = None
         if dist.get_global_rank() == 0:
             try:
-                for line in recover_interrupted(self._folder(state)):
-                    log.warning("pruned_hf_export: %s", line)
-                check_output_dir(self._folder(state), f"{KEY}.save_folder", self.overwrite)
-                if self.save_interval is not None:
+                if is_remote(self.save_folder):
+                    # Proves the store reachable and the folder ours (or empty) before training.
+                    check_remote_output(self._folder(state), f"{KEY}.save_folder", self.overwrite)
+                else:
+                    for line in recover_interrupted(self._folder(state)):
+                        log.warning("pruned_hf_export: %s", line)
+                    check_output_dir(self._folder(state), f"{KEY}.save_folder", self.overwrite)
+                if self.save_interval is not None and not is_remote(self.save_folder):
                     # Periodic exports go to siblings: <save_folder>_ba<N>.
                     check_output_dir(
                         self._folder(state, "_ba0"), f"{KEY}.save_folder (save_interval)", True
@@ -165,6 +178,14 @@ class PrunedHFExport(Callback):
             return
         while len(self.periodic) > keep:
             old = self.periodic.pop(0)
+            if is_remote(old):
+                try:
+                    names = list_remote(old, f"{KEY}.save_num_checkpoints_to_keep")
+                    if EXPORT_RECORD in names:
+                        delete_remote(old, names, f"{KEY}.save_num_checkpoints_to_keep")
+                except OutputPathError as error:
+                    log.warning("pruned_hf_export: could not remove %s: %s", old, error)
+                continue
             # Only a folder that still holds our export record: never someone else's files.
             if is_ours(old):
                 shutil.rmtree(old, ignore_errors=True)
@@ -189,7 +210,7 @@ class PrunedHFExport(Callback):
             "checkpoints (save_folder) and export one with `composer-shear export`."
         )
 
-    def _export(self, state: State, logger: Logger, folder: Path) -> str | None:
+    def _export(self, state: State, logger: Logger, folder: str) -> str | None:
         """Exports on rank 0; returns rank 0's error message (on every rank), or ``None``."""
         error: str | None = None
         # Every rank takes part in the gather; only rank 0 receives the tensors.
@@ -206,19 +227,21 @@ class PrunedHFExport(Callback):
         dist.broadcast_object_list(status, src=0)
         return status[0]
 
-    def _save_rescue_checkpoint(self, state: State, folder: Path) -> tuple[Path | None, str | None]:
+    def _save_rescue_checkpoint(self, state: State, folder: str) -> tuple[Path | None, str | None]:
         """Writes a Composer checkpoint of the trained state where it can (all ranks call).
 
-        Candidates: next to the export folder, then the system temp folder. Returns the
+        Candidates: next to a local export folder, then the system temp folder. Returns the
         checkpoint path (``None`` if none could be written) and the last error.
         """
         from composer.utils.checkpoint import save_checkpoint
 
-        name = f"{folder.name}-rescue-{state.run_name}"
+        name = f"{Path(parse_uri(folder)[2]).name}-rescue-{state.run_name}"
+        places = [] if is_remote(folder) else [Path(folder).parent / name]
+        places.append(Path(tempfile.gettempdir()) / name)
         choice: list[str | None] = [None]
         errors: list[str] = []
         if dist.get_global_rank() == 0:
-            for place in (folder.parent / name, Path(tempfile.gettempdir()) / name):
+            for place in places:
                 try:
                     check_output_dir(place, "rescue checkpoint", overwrite=True)
                 except OutputPathError as e:
@@ -243,7 +266,7 @@ class PrunedHFExport(Callback):
         return (Path(saved) if saved else Path(choice[0])), None
 
     def _export_rank0(
-        self, state: State, logger: Logger, folder: Path, weights: dict | None
+        self, state: State, logger: Logger, folder: str, weights: dict | None
     ) -> None:
         hf_model = find_gated_hf_model(state.model)
         if weights is not None:
