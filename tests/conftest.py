@@ -105,7 +105,8 @@ def s3_server(tmp_path_factory):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start (exit {server.poll()})") from None
+                    code = server.poll()
+                    raise RuntimeError(f"moto_server did not start (exit {code})") from None
                 time.sleep(0.2)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shear")
         yield endpoint
