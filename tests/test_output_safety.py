@@ -210,3 +210,53 @@ def test_callback_takes_hf_checkpointer_keys_and_keeps_the_newest_periodic_expor
     for folder in (export, tmp_path / "pruned_ba6"):
         assert (folder / EXPORT_INFO).is_file()
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("crafted", ["../../escaped.mds", "/tmp/escaped-abs.mds", ".."])
+def test_a_crafted_shard_name_in_index_json_cannot_direct_a_write(tmp_path, crafted):
+    import json
+
+    import numpy as np
+    from streaming import MDSWriter
+
+    from composer_shear.data.calibration import read_mds_token_samples
+
+    split = tmp_path / "data" / "code" / "train"
+    with MDSWriter(out=str(split), columns={"tokens": "ndarray:int64"}, compression="zstd") as w:
+        for i in range(4):
+            w.write({"tokens": np.arange(i, i + 8, dtype=np.int64)})
+    assert [t[0] for t in read_mds_token_samples(split)] == [0, 1, 2, 3]  # the honest index
+
+    index = json.loads((split / "index.json").read_text())
+    index["shards"][0]["raw_data"]["basename"] = crafted
+    (split / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a plain file name"):
+        list(read_mds_token_samples(split))
+    assert (
+        not (tmp_path / "escaped.mds").exists() and not (tmp_path / "data" / "escaped.mds").exists()
+    )
+    assert not os.path.exists("/tmp/escaped-abs.mds")
+
+
+class _RunsCode:
+    """Unpickling this calls ``pathlib.Path.touch`` on a marker file: code from the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_trust(tmp_path):
+    from composer_shear.export.checkpoint import export_checkpoint
+
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "downloaded.pt"
+    torch.save({"state": {"model": {}}, "payload": _RunsCode(str(marker))}, ckpt)
+    with pytest.raises(ExportError, match=r"\(builtins\.getattr, pathlib.*--trust-checkpoint"):
+        export_checkpoint(ckpt, tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ import json
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,26 @@ def _sample_tokens(sample: dict[str, Any], tokenizer: Any | None) -> np.ndarray:
     raise ValueError(f"MDS sample has no token column (input_ids/tokens/text): {list(sample)}.")
 
 
+def _shard_name(basename: Any, index_path: Path) -> str:
+    """A shard file name from ``index.json``, refused unless it is a plain name in the folder.
+
+    The name directs a write (a decompressed shard goes to our scratch folder under it), so a
+    crafted index with ``../`` or an absolute path must not reach anywhere else.
+    """
+    if (
+        not isinstance(basename, str)
+        or not basename
+        or basename in (".", "..")
+        or PurePosixPath(basename).name != basename
+        or PureWindowsPath(basename).name != basename
+    ):
+        raise ValueError(
+            f"{index_path}: shard name {basename!r} is not a plain file name in the folder; "
+            "the index is damaged or crafted (re-run `composer-shear tokenize`)."
+        )
+    return basename
+
+
 def read_mds_token_samples(
     split_dir: str | Path,
     tokenizer: Any | None = None,
@@ -111,16 +131,15 @@ def read_mds_token_samples(
     # Compressed shards are decompressed into a scratch directory, never next to the data.
     with tempfile.TemporaryDirectory(prefix="mds_raw_") as scratch:
         for info in index["shards"]:
+            raw_name = _shard_name(info["raw_data"]["basename"], index_path)
             dirname = split_dir
-            if not (split_dir / info["raw_data"]["basename"]).exists():
+            if not (split_dir / raw_name).exists():
                 zip_info = info.get("zip_data")
                 if not zip_info:
-                    raise FileNotFoundError(f"MDS shard {info['raw_data']['basename']} missing.")
-                data = (split_dir / zip_info["basename"]).read_bytes()
+                    raise FileNotFoundError(f"MDS shard {raw_name} missing.")
+                data = (split_dir / _shard_name(zip_info["basename"], index_path)).read_bytes()
                 dirname = Path(scratch)
-                (dirname / info["raw_data"]["basename"]).write_bytes(
-                    decompress(info["compression"], data)
-                )
+                (dirname / raw_name).write_bytes(decompress(info["compression"], data))
             shard = reader_from_json(str(dirname), None, info)
             for i in range(shard.samples):
                 if max_samples is not None and count >= max_samples:
