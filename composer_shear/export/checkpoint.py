@@ -215,7 +215,7 @@ def _torch_load(path: Path, trust: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as error:
             try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
             except Exception:  # the listing is only for the message
                 unsafe = []
             raise ExportError(
