@@ -256,7 +256,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_trust(tmp_path):
     marker = tmp_path / "code_ran"
     ckpt = tmp_path / "downloaded.pt"
     torch.save({"state": {"model": {}}, "payload": _RunsCode(str(marker))}, ckpt)
-    with pytest.raises(ExportError, match=r"\(builtins\.getattr, pathlib\.Path, .*--trust-checkpoint"):
+    refusal = r"\(builtins\.getattr, pathlib\.Path, .*--trust-checkpoint"
+    with pytest.raises(ExportError, match=refusal):
         export_checkpoint(ckpt, tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
