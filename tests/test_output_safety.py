@@ -208,7 +208,7 @@ def test_callback_takes_hf_checkpointer_keys_and_keeps_the_newest_periodic_expor
     periodic = sorted(p.name for p in tmp_path.glob("pruned_ba*"))
     assert periodic == ["pruned_ba6"]  # ba2 and ba4 were dropped once newer ones existed
     for folder in (export, tmp_path / "pruned_ba6"):
-        assert (folder / EXPORT_INFO).is_file()
+        assert (folder / EXPORT_INFO).is_file() and (folder / "README.md").is_file()
         AutoModelForCausalLM.from_pretrained(folder)
 
 
@@ -261,3 +261,38 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_trust(tmp_path):
         export_checkpoint(ckpt, tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_records_its_provenance_and_carries_a_card_and_the_licence(
+    tmp_path, tiny_tokenizer_dir
+):
+    import json
+
+    from transformers import AutoConfig
+
+    from composer_shear.export.oneshot import prune_oneshot_to_dir
+    from composer_shear.export.writer import config_hash
+    from tests.pruning_helpers import FAMILY_TARGETS
+    from tests.tiny_models import save_tiny_checkpoint
+
+    source = save_tiny_checkpoint(tiny_model("llama_gqa"), tiny_tokenizer_dir, tmp_path / "src")
+    (source / "LICENSE").write_text("Example licence terms\n")
+    (source / "USE_POLICY.md").write_text("Acceptable use\n")
+    out = tmp_path / "pruned"
+    prune_oneshot_to_dir(source, out, FAMILY_TARGETS["llama_gqa"], method="random")
+
+    record = json.loads((out / EXPORT_INFO).read_text())
+    prov = record["provenance"]
+    assert prov["source"] == str(source)
+    assert prov["source_config_sha256"] == config_hash(AutoConfig.from_pretrained(source))
+    assert torch.__version__.startswith(prov["versions"]["torch"])
+    assert prov["versions"]["transformers"] and prov["command"]
+    assert sorted(record["licence_files"]) == ["LICENSE", "USE_POLICY.md"]
+    assert (out / "LICENSE").read_text() == "Example licence terms\n"
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "## How it was made" in card
+    assert (
+        f"| parameters | {record['source_num_params']:,} | {record['target_num_params']:,} |"
+        in card
+    )
+    assert "oneshot-random" in card

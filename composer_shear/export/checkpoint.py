@@ -34,7 +34,13 @@ from composer_shear.export.units import (
     kept_units_record,
     read_kept_units,
 )
-from composer_shear.export.writer import DTYPES, ExportError, check_out_dir, write_hf_directory
+from composer_shear.export.writer import (
+    DTYPES,
+    ExportError,
+    check_out_dir,
+    provenance,
+    write_hf_directory,
+)
 from composer_shear.families import get_family
 from composer_shear.output_paths import (
     OutputPathError,
@@ -96,6 +102,7 @@ def _export_info(plan: PruningPlan, source: ModelShape) -> dict[str, Any]:
         "target_num_params": plan.target.num_params(),
         "kept_layers": plan.kept_layers,
         "kept_hidden": len(plan.kept_hidden),
+        "method": "learned (targeted_pruning)",
     }
 
 
@@ -105,6 +112,7 @@ def export_model(
     tokenizer: Any = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    source: str | Path | None = None,
 ) -> ExportSummary:
     """Slices a gated Hugging Face model and writes the compact model to ``out_dir``.
 
@@ -114,6 +122,8 @@ def export_model(
         tokenizer: Tokenizer to save beside the weights.
         overwrite: Replace a non-empty ``out_dir``.
         dtype: Dtype of the written weights (default: the model's).
+        source: What the model came from (a checkpoint path or URI), for the export record;
+            default: the source model the config names.
     """
     start = time.perf_counter()
     check_out_dir(out_dir, overwrite)
@@ -121,6 +131,10 @@ def export_model(
     if gates is None:
         raise ExportError("The model carries no pruning gates.")
     plan = plan_pruning(gates)
+    info = _export_info(plan, gates.source)
+    # The config of the gated model is the source's: hash it before slicing changes nothing.
+    name = getattr(hf_model.config, "_name_or_path", None) or None
+    info["provenance"] = provenance(source or name, hf_model.config)
     compact = prune_model(hf_model, gates, plan)
     if dtype is not None:
         compact = compact.to(dtype)
@@ -130,8 +144,10 @@ def export_model(
         out_dir,
         tokenizer,
         overwrite,
-        info=_export_info(plan, gates.source),
+        info=info,
         kept_units=kept_units_record(plan, gates.source),
+        # The source model's folder, when it is on this machine: its licence files travel.
+        source_dir=getattr(hf_model.config, "_name_or_path", None) or None,
     )
     return ExportSummary(
         written, gates.source, gates.target, plan.kept_layers, time.perf_counter() - start
@@ -406,7 +422,9 @@ def export_checkpoint(
             torch_dtype = torch_dtype or torch.float32
         else:
             torch_dtype = DTYPES[dtype]
-        summary = export_model(model, out_dir, tokenizer, overwrite, dtype=torch_dtype)
+        summary = export_model(
+            model, out_dir, tokenizer, overwrite, dtype=torch_dtype, source=str(checkpoint_path)
+        )
     summary.seconds = time.perf_counter() - start
     return summary
 

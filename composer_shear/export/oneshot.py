@@ -37,7 +37,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from composer_shear.data.calibration import calibration_batches
 from composer_shear.export.surgery import PruningPlan, plan_from_masks, prune_model
 from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
-from composer_shear.export.writer import ExportError, check_out_dir, write_hf_directory
+from composer_shear.export.writer import (
+    ExportError,
+    check_out_dir,
+    provenance,
+    write_hf_directory,
+)
 from composer_shear.families import get_family
 from composer_shear.pruning.gates import top_k_mask
 from composer_shear.pruning.importance import (
@@ -227,6 +232,7 @@ def prune_oneshot_to_dir(
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     model.eval()
     source_shape = get_family(model).shape(model.config)
+    source_record = provenance(source, model.config)  # before any cut touches the config
     if record is not None:
         plan = units_plan(model, record)
         if target_shape is not None and source_shape.resolve_target(dict(target_shape)) != (
@@ -265,6 +271,8 @@ def prune_oneshot_to_dir(
     }
     if record is not None:
         info["units_from"] = str(units)
+    info["calibration_data"] = None if data is None else str(data)
+    info["provenance"] = source_record
     written = write_hf_directory(
         compact,
         out_dir,
@@ -272,6 +280,7 @@ def prune_oneshot_to_dir(
         overwrite,
         info=info,
         kept_units=kept_units_record(plan, source_shape),
+        source_dir=source,
     )
     return OneshotSummary(written, source_shape, plan.target, n_tokens, time.perf_counter() - start)
 

@@ -8,9 +8,13 @@ and the kept-units record (:mod:`composer_shear.export.units`).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import logging
+import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,9 @@ __all__ = [
     "ExportError",
     "check_finite_tensors",
     "check_out_dir",
+    "config_hash",
+    "model_card",
+    "provenance",
     "write_hf_directory",
 ]
 
@@ -46,6 +53,11 @@ log = logging.getLogger(__name__)
 # a later ``overwrite`` may replace it (:mod:`composer_shear.output_paths`).
 EXPORT_INFO = EXPORT_RECORD
 
+
+# Files that carry a source model's licence terms; copied beside derived weights.
+LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*")
+# Packages whose versions an export records.
+RECORDED_PACKAGES = ("composer_shear", "torch", "transformers", "mosaicml", "llm-foundry")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,6 +105,110 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
         )
 
 
+# Config keys that say how a model was loaded, not what it is: left out of its hash.
+VOLATILE_CONFIG_KEYS = ("torch_dtype", "transformers_version", "use_cache")
+
+
+def config_hash(config: Any) -> str:
+    """SHA-256 of a ``transformers`` config's JSON (sorted keys): which source this was.
+
+    Keys that depend on how the model was loaded (private ``_*`` keys, the load dtype, the
+    ``transformers`` version) are left out, so the same source hashes the same.
+    """
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = {
+        k: v for k, v in data.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def provenance(source: str | Path | None, source_config: Any = None) -> dict[str, Any]:
+    """The provenance part of an export record: source, versions, command.
+
+    Args:
+        source: The source model or checkpoint (path, URI or hub id).
+        source_config: The source model's config (hashed, and its ``_name_or_path`` kept).
+    """
+    versions = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    record: dict[str, Any] = {
+        "source": None if source is None else str(source),
+        "versions": versions,
+        "python": sys.version.split()[0],
+        # The command line that made it: `composer-shear export ...`, or `llmfoundry train
+        # YAML overrides...` for the callback (the YAML path and every override).
+        "command": shlex.join(sys.argv),
+    }
+    if source_config is not None:
+        record["source_model"] = getattr(source_config, "_name_or_path", None) or None
+        record["source_config_sha256"] = config_hash(source_config)
+    return record
+
+
+def model_card(config: Any, info: dict[str, Any]) -> str:
+    """A Hugging Face model card (``README.md``) for an export: base model, shape, recipe."""
+    prov = info.get("provenance", {})
+    base = prov.get("source_model") or prov.get("source")
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if base and "/" in str(base) and not Path(str(base)).exists() and "://" not in str(base):
+        front.append(f"base_model: {base}")  # a hub id: HF links the card to it
+    front.append("---")
+    shape = info.get("target_shape") or {}
+    rows = "\n".join(
+        f"| `{k}` | {info.get('source_shape', {}).get(k, '')} | {v} |" for k, v in shape.items()
+    )
+    params = info.get("target_num_params")
+    source_params = info.get("source_num_params")
+    versions = ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if v)
+    lines = [
+        *front,
+        "",
+        f"# {config.model_type} pruned with composer_shear",
+        "",
+        f"Structured pruning (Sheared-LLaMA style) of **{base or 'an unrecorded source'}**.",
+        "",
+        "| | source | pruned |",
+        "|---|---|---|",
+        rows,
+        f"| parameters | {source_params:,} | {params:,} |" if params and source_params else "",
+        "",
+        "## How it was made",
+        "",
+        f"- method: {info.get('method', 'learned (targeted_pruning)')}",
+        f"- source: `{prov.get('source')}`"
+        + (
+            f" (config sha256 `{prov['source_config_sha256'][:16]}`)"
+            if prov.get("source_config_sha256")
+            else ""
+        ),
+        f"- command: `{prov.get('command', '')}`",
+        f"- versions: {versions}",
+        "",
+        "The kept units of every layer are in `composer_shear_kept_units.json`, the full record in",
+        f"`{EXPORT_INFO}`. The source model's licence terms apply to these weights; its licence",
+        "files, when it had any, are copied here.",
+        "",
+    ]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def copy_licences(source_dir: str | Path | None, out_dir: Path) -> list[str]:
+    """Copies the source's licence files (``LICENSE*``, ``USE_POLICY*``...) into ``out_dir``."""
+    if source_dir is None or is_remote(source_dir) or not Path(source_dir).is_dir():
+        return []
+    copied = []
+    for pattern in LICENCE_PATTERNS:
+        for path in sorted(Path(source_dir).glob(pattern)):
+            if path.is_file() and not (out_dir / path.name).exists():
+                shutil.copy2(path, out_dir / path.name)
+                copied.append(path.name)
+    return copied
+
+
 def write_hf_directory(
     model: nn.Module,
     out_dir: str | Path,
@@ -100,6 +216,7 @@ def write_hf_directory(
     overwrite: bool = False,
     info: dict[str, Any] | None = None,
     kept_units: dict[str, Any] | None = None,
+    source_dir: str | Path | None = None,
 ) -> str | Path:
     """Writes ``model`` (+ tokenizer) as a Hugging Face directory, atomically.
 
@@ -118,13 +235,22 @@ def write_hf_directory(
             file marks the folder as ours).
         kept_units: A :func:`~composer_shear.export.units.kept_units_record`, written as
             ``composer_shear_kept_units.json``.
+        source_dir: The source model's local folder: its licence files are copied along.
+
+    Besides the weights the folder gets a ``README.md`` model card (:func:`model_card`) and
+    the source's licence files (``LICENSE*``, ``USE_POLICY*``, ``NOTICE*``) when it has them.
     """
     if is_remote(out_dir):
         check_out_dir(out_dir, overwrite)
         # Staged whole on local disk, then uploaded (export record last).
         with tempfile.TemporaryDirectory(prefix="composer_shear_upload_") as scratch:
             local = write_hf_directory(
-                model, Path(scratch) / "export", tokenizer, info=info, kept_units=kept_units
+                model,
+                Path(scratch) / "export",
+                tokenizer,
+                info=info,
+                kept_units=kept_units,
+                source_dir=source_dir,
             )
             try:
                 upload_dir(local, str(out_dir), "output directory")
@@ -141,6 +267,9 @@ def write_hf_directory(
             tokenizer.save_pretrained(tmp)
         if kept_units is not None:
             write_kept_units(tmp, kept_units)
+        info = dict(info or {})
+        info["licence_files"] = copy_licences(source_dir, tmp)
+        (tmp / "README.md").write_text(model_card(model.config, info))
         # The record goes last: a staged folder with a record is a complete export.
         (tmp / EXPORT_INFO).write_text(json.dumps(info or {}, indent=2) + "\n")
         replace_dir(tmp, out_dir)
