@@ -59,6 +59,8 @@ LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*"
 # Packages whose versions an export records.
 RECORDED_PACKAGES = ("composer_shear", "torch", "transformers", "mosaicml", "llm-foundry")
 
+MAX_SHARD_SIZE = "2GB"
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -262,7 +264,8 @@ def write_hf_directory(
     check_finite_tensors(model.state_dict(), f"export to {out_dir}")
     tmp = staging_dir(out_dir)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Sharded safetensors with an index: the serializer copies one shard at a time.
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if kept_units is not None:
