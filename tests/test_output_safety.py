@@ -202,9 +202,29 @@ def test_callback_takes_hf_checkpointer_keys_and_keeps_the_newest_periodic_expor
         "callbacks.pruned_hf_export.save_interval=2ba",
         "callbacks.pruned_hf_export.save_num_checkpoints_to_keep=1",
         "callbacks.pruned_hf_export.precision=float32",
+        f"save_folder={tmp_path / 'ckpt'}",
+        "save_interval=6ba",
+        "save_filename=ba{batch}.pt",
     )
     assert gates_of(trainer) is not None
     trainer.close()
+
+    # The checkpoint as a sharded (DCP) folder exports, read shard by shard, to the same
+    # tensors as the checkpoint file and as the callback's own final export.
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from composer_shear.export.checkpoint import export_checkpoint
+
+    ckpt = tmp_path / "ckpt" / "ba6.pt"
+    dcp.save(torch.load(ckpt, weights_only=False), checkpoint_id=tmp_path / "sharded", no_dist=True)
+    from_file = export_checkpoint(ckpt, tmp_path / "from_file").out_dir
+    from_shards = export_checkpoint(tmp_path / "sharded", tmp_path / "from_shards").out_dir
+    expected = load_file(export / "model.safetensors")
+    for folder in (from_file, from_shards):
+        got = load_file(folder / "model.safetensors")
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), folder
     periodic = sorted(p.name for p in tmp_path.glob("pruned_ba*"))
     assert periodic == ["pruned_ba6"]  # ba2 and ba4 were dropped once newer ones existed
     for folder in (export, tmp_path / "pruned_ba6"):

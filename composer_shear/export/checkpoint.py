@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import pickle
 import sys
@@ -24,7 +25,9 @@ import torch
 from composer.utils import parse_uri
 from numpy._core import multiarray as np_multiarray
 from torch import nn
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.torch_version import TorchVersion
 
 from composer_shear.export.surgery import PruningPlan, plan_pruning, prune_model
@@ -242,6 +245,79 @@ def _torch_load(path: Path, trust: bool) -> Any:
             ) from error
 
 
+# The parts of a Composer checkpoint an export reads; the optimizer state is never read.
+EXPORT_KEYS = (("state", "model"), ("state", "integrations"), ("state", "algorithms"))
+
+
+class _SafeBytesLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are unpickled ``weights_only``."""
+
+    def __init__(self, trust: bool) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.trust = trust
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        """Unpickles one non-tensor entry with the allow-list (DCP's own allows any)."""
+        if self.trust:
+            obj = torch.load(value, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+                try:
+                    obj = torch.load(value, weights_only=True)
+                except pickle.UnpicklingError as error:
+                    raise ExportError(
+                        f"entry {read_item.dest_index.fqn} of the sharded checkpoint holds "
+                        f"objects beyond the allow-list ({error}); pass --trust-checkpoint "
+                        "if you trust the checkpoint."
+                    ) from error
+        self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _load_sharded(path: Path, trust: bool) -> dict[str, Any]:
+    """Reads the model, HF and algorithm entries of a sharded (DCP) checkpoint folder.
+
+    Shard by shard through DCP's reader, straight into tensors of the right size: no
+    consolidated temporary file, and the optimizer state is never read.
+    """
+    reader = FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    paths = metadata.planner_data or {}
+    wanted: dict[str, Any] = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        where = tuple(paths.get(fqn, tuple(fqn.split("."))))
+        if not any(where[: len(key)] == key for key in EXPORT_KEYS):
+            continue
+        if isinstance(entry, TensorStorageMetadata):
+            wanted[fqn] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        else:
+            wanted[fqn] = None  # an object, filled in by the planner
+    dcp_load(wanted, storage_reader=reader, planner=_SafeBytesLoadPlanner(trust), no_dist=True)
+    checkpoint: dict[str, Any] = {}
+    for fqn, value in wanted.items():
+        _set_nested(checkpoint, tuple(paths.get(fqn, tuple(fqn.split(".")))), value)
+    return checkpoint
+
+
+def _set_nested(root: dict[str, Any], where: tuple, value: Any) -> None:
+    """Sets ``root[where[0]][where[1]]... = value``, creating dicts and lists on the way."""
+    node: Any = root
+    for step, following in itertools.pairwise(where):
+        empty: Any = [] if isinstance(following, int) else {}
+        if isinstance(node, list):
+            while len(node) <= step:
+                node.append(None)
+            if node[step] is None:
+                node[step] = empty
+        else:
+            node.setdefault(step, empty)
+        node = node[step]
+    last = where[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
+
+
 def load_composer_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Reads a Composer checkpoint file, checkpoint folder, or sharded checkpoint folder.
 
@@ -255,20 +331,16 @@ def load_composer_checkpoint(path: str | Path, trust_checkpoint: bool = False) -
     """
     path = _resolve_checkpoint_file(Path(path))
     if path.is_dir():
-        # Sharded FSDP checkpoint: consolidate with torch's own converter.
-        with tempfile.TemporaryDirectory() as tmp:
-            merged = Path(tmp) / "consolidated.pt"
-            try:
-                dcp_to_torch_save(str(path), str(merged))
-                checkpoint = _torch_load(merged, trust_checkpoint)
-            except ExportError:
-                raise
-            except Exception as error:
-                raise ExportError(
-                    f"Could not consolidate the sharded checkpoint {path}: {error}. Save with "
-                    "`fsdp_config.state_dict_type: full` or consolidate it with "
-                    "torch.distributed.checkpoint.format_utils.dcp_to_torch_save."
-                ) from error
+        try:
+            checkpoint = _load_sharded(path, trust_checkpoint)
+        except ExportError:
+            raise
+        except Exception as error:
+            raise ExportError(
+                f"Could not read the sharded checkpoint {path}: {error}. Save with "
+                "`fsdp_config.state_dict_type: full` or consolidate it with "
+                "torch.distributed.checkpoint.format_utils.dcp_to_torch_save."
+            ) from error
     else:
         try:
             checkpoint = _torch_load(path, trust_checkpoint)
