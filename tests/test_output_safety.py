@@ -3,20 +3,30 @@ and the export callback's hf_checkpointer-style keys."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+import torch.distributed.checkpoint as dcp
+from composer import Callback
+from llmfoundry import registry
+from safetensors.torch import load_file
+from streaming import MDSWriter
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
+from composer_shear.data.calibration import read_mds_token_samples
 from composer_shear.data.prep import DataPrepError, prepare_domains
 from composer_shear.demo import DemoError, DemoSettings, run_demo
 from composer_shear.downstream.data import build_eval_data
-from composer_shear.export.writer import EXPORT_INFO, ExportError, write_hf_directory
+from composer_shear.export.checkpoint import export_checkpoint
+from composer_shear.export.oneshot import prune_oneshot_to_dir
+from composer_shear.export.writer import EXPORT_INFO, ExportError, config_hash, write_hf_directory
 from composer_shear.output_paths import (
     RUN_MARKER,
     OutputPathError,
@@ -24,8 +34,8 @@ from composer_shear.output_paths import (
     recover_interrupted,
 )
 from composer_shear.pruning.masking import NonFiniteGateError, find_gates
-from tests.pruning_helpers import REPO, gates_of, make_tiny_run_inputs, run_prune
-from tests.tiny_models import tiny_model
+from tests.pruning_helpers import FAMILY_TARGETS, REPO, gates_of, make_tiny_run_inputs, run_prune
+from tests.tiny_models import save_tiny_checkpoint, tiny_model
 
 
 def _foreign_folder(path):
@@ -150,8 +160,6 @@ def test_non_finite_weights_are_never_written(tmp_path):
 def test_a_nan_log_alpha_stops_training_at_its_step_naming_dimension_and_layer(
     tmp_path, tiny_tokenizer_dir
 ):
-    from composer import Callback
-    from llmfoundry import registry
 
     class InjectNaN(Callback):
         # After step 2's update, one log-alpha of layer 1's intermediate gates becomes NaN.
@@ -211,10 +219,6 @@ def test_callback_takes_hf_checkpointer_keys_and_keeps_the_newest_periodic_expor
 
     # The checkpoint as a sharded (DCP) folder exports, read shard by shard, to the same
     # tensors as the checkpoint file and as the callback's own final export.
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
-
-    from composer_shear.export.checkpoint import export_checkpoint
 
     ckpt = tmp_path / "ckpt" / "ba6.pt"
     dcp.save(torch.load(ckpt, weights_only=False), checkpoint_id=tmp_path / "sharded", no_dist=True)
@@ -234,12 +238,6 @@ def test_callback_takes_hf_checkpointer_keys_and_keeps_the_newest_periodic_expor
 
 @pytest.mark.parametrize("crafted", ["../../escaped.mds", "/tmp/escaped-abs.mds", ".."])
 def test_a_crafted_shard_name_in_index_json_cannot_direct_a_write(tmp_path, crafted):
-    import json
-
-    import numpy as np
-    from streaming import MDSWriter
-
-    from composer_shear.data.calibration import read_mds_token_samples
 
     split = tmp_path / "data" / "code" / "train"
     with MDSWriter(out=str(split), columns={"tokens": "ndarray:int64"}, compression="zstd") as w:
@@ -271,7 +269,6 @@ class _RunsCode:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_trust(tmp_path):
-    from composer_shear.export.checkpoint import export_checkpoint
 
     marker = tmp_path / "code_ran"
     ckpt = tmp_path / "downloaded.pt"
@@ -286,14 +283,6 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_trust(tmp_path):
 def test_an_export_records_its_provenance_and_carries_a_card_and_the_licence(
     tmp_path, tiny_tokenizer_dir
 ):
-    import json
-
-    from transformers import AutoConfig
-
-    from composer_shear.export.oneshot import prune_oneshot_to_dir
-    from composer_shear.export.writer import config_hash
-    from tests.pruning_helpers import FAMILY_TARGETS
-    from tests.tiny_models import save_tiny_checkpoint
 
     source = save_tiny_checkpoint(tiny_model("llama_gqa"), tiny_tokenizer_dir, tmp_path / "src")
     (source / "LICENSE").write_text("Example licence terms\n")
