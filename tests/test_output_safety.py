@@ -305,3 +305,19 @@ def test_an_export_records_its_provenance_and_carries_a_card_and_the_licence(
         in card
     )
     assert "oneshot-random" in card
+
+
+@pytest.mark.slow
+def test_the_callback_refuses_a_foreign_save_folder_before_training(tmp_path, tiny_tokenizer_dir):
+    """The reported bug: a save_folder holding a Composer checkpoint was deleted by the export."""
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    foreign = _foreign_folder(tmp_path / "save_folder")
+    with pytest.raises(OutputPathError, match=r"pruned_hf_export\.save_folder: .*not written by"):
+        run_prune(
+            model_dir,
+            data_dir,
+            "max_duration=2ba",
+            f"callbacks.pruned_hf_export.save_folder={foreign}",
+            "callbacks.pruned_hf_export.overwrite=true",
+        )
+    assert (foreign / "ckpts" / "ep0-ba400-rank0.pt").read_bytes() == b"not ours"
