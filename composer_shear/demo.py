@@ -48,6 +48,7 @@ from composer_shear.launch import (
     llmfoundry_train,
     mapping_override,
 )
+from composer_shear.output_paths import OutputPathError, check_replaceable, write_run_marker
 from composer_shear.report import build_report
 from composer_shear.report.labels import MODEL_LABELS
 from composer_shear.report.metrics import export_gap, read_metrics
@@ -156,9 +157,12 @@ def downstream_stage(
 
 def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite: bool) -> Path:
     """Runs every stage; returns the report path."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise DemoError(f"{run_dir} is not empty; pass --overwrite or another --run-dir.")
+    try:
+        # A run folder is only deleted if an earlier demo wrote it (its run marker).
+        check_replaceable(run_dir, "--run-dir", overwrite)
+    except OutputPathError as error:
+        raise DemoError(str(error)) from error
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
     if not corpus_dir.is_dir():
         raise DemoError(f"Corpus folder {corpus_dir} not found (run from a clone of the repo).")
@@ -166,6 +170,7 @@ def run_demo(run_dir: Path, corpus_dir: Path, settings: DemoSettings, overwrite:
         _check_downstream_data(settings.downstream_tasks)
     run_dir = run_dir.resolve()
     (run_dir / "eval").mkdir(parents=True)
+    write_run_marker(run_dir, "composer-shear demo")
     started = time.perf_counter()
     stages: dict[str, float] = {}
     total = 8 if settings.downstream else 7

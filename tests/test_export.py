@@ -254,9 +254,17 @@ def test_existing_output_directory_is_refused(pruned_run, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty"):
         export_checkpoint(pruned_run["ckpt"], out)
+    # A folder we did not write is never replaced, even with overwrite.
+    with pytest.raises(ExportError, match="not written by composer_shear"):
+        export_checkpoint(pruned_run["ckpt"], out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    export_checkpoint(pruned_run["ckpt"], out, overwrite=True)
-    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+    # An earlier export is refused without overwrite and replaced with it.
+    ours = tmp_path / "ours"
+    export_checkpoint(pruned_run["ckpt"], ours)
+    with pytest.raises(ExportError, match="not empty"):
+        export_checkpoint(pruned_run["ckpt"], ours)
+    export_checkpoint(pruned_run["ckpt"], ours, overwrite=True)
+    assert (ours / "config.json").exists()
 
 
 def test_continued_pretraining_from_export_with_plain_llmfoundry(pruned_run, tmp_path):

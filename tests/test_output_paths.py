@@ -12,7 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from composer_shear.output_paths import OutputPathError, check_output_dir, check_output_file
+from composer_shear.output_paths import (
+    RUN_MARKER,
+    OutputPathError,
+    check_output_dir,
+    check_output_file,
+)
 from tests.pruning_helpers import PRUNE_YAML, REPO, VENV_BIN, make_tiny_run_inputs
 
 
@@ -27,6 +32,12 @@ def test_check_output_dir_and_file(tmp_path):
         check_output_file(tmp_path, "some.key")
     full = tmp_path / "full"
     (full / "x").mkdir(parents=True)
+    with pytest.raises(OutputPathError, match=r"is not empty and was not written by"):
+        check_output_dir(full, "some.key", overwrite=False)
+    # With overwrite, only a folder composer_shear wrote may be replaced (test_output_safety).
+    with pytest.raises(OutputPathError, match="was not written by composer_shear"):
+        check_output_dir(full, "some.key", overwrite=True)
+    (full / RUN_MARKER).write_text("{}")
     with pytest.raises(OutputPathError, match=r"exists and is not empty.*overwrite"):
         check_output_dir(full, "some.key", overwrite=False)
     assert check_output_dir(full, "some.key", overwrite=True) == full

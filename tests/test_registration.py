@@ -18,7 +18,7 @@ algorithms:
     lagrangian_warmup: 10ba
 callbacks:
   dynamic_batch_loading: {update_type: doremi, target_loss: [1.0, 2.0]}
-  pruned_hf_export: {save_folder: /tmp/out, interval: 5ba}
+  pruned_hf_export: {save_folder: /tmp/out, save_interval: 5ba}
 loggers:
   jsonl_metrics: {path: /tmp/metrics.jsonl}
 """

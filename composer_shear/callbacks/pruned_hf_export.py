@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Any
 
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, parse_uri
 
 from composer_shear.data.descriptors import bound_open_files
 from composer_shear.export.checkpoint import MODEL_PREFIX, export_model, gated_model_from_weights
 from composer_shear.export.writer import DTYPES
-from composer_shear.output_paths import OutputPathError, check_output_dir
+from composer_shear.output_paths import (
+    EXPORT_RECORD,
+    OutputPathError,
+    check_output_dir,
+    check_remote_output,
+    delete_remote,
+    is_ours,
+    is_remote,
+    list_remote,
+    recover_interrupted,
+)
 from composer_shear.pruning.masking import find_gated_hf_model, find_gates
 from composer_shear.sharding import full_state_dict, is_sharded
 
@@ -25,68 +38,109 @@ KEY = "callbacks.pruned_hf_export"
 
 
 class PrunedHFExport(Callback):
-    """Exports the pruned model as a Hugging Face directory at fit end (and every ``interval``).
+    """Exports the pruned model as a Hugging Face directory at fit end and every ``save_interval``.
 
     Rank 0 applies the deterministic masks, folds and slices (see
     :mod:`composer_shear.export.surgery`) and writes config, safetensors, tokenizer and generation
     config atomically. Under FSDP (1 or 2) the full state dict is first gathered to rank 0's
     CPU, tensor by tensor, and rank 0 rebuilds the gated model from it.
 
-    The export folders are checked at ``Event.INIT`` (creatable, writable, not a non-empty
-    folder unless ``overwrite``), so a bad ``save_folder`` stops the run before training. If
+    The export folders are checked at ``Event.INIT`` (creatable, writable; an existing
+    non-empty folder is replaced only if it is an earlier export of ours and ``overwrite`` is
+    set, any other is refused), so a bad ``save_folder`` stops the run before training. If
     the final export still fails, the trained state is first saved as a Composer checkpoint
     (next to the export folder, else in the temp folder) and the error says how to export it
     with ``composer-shear export``. A failed periodic export is logged; training goes on.
+
+    The keys follow LLM Foundry's ``hf_checkpointer`` (``save_interval``, ``precision``);
+    the older ``interval`` and ``dtype`` still work, with a deprecation warning.
 
     YAML::
 
         callbacks:
           pruned_hf_export:
             save_folder: ./runs/{run_name}/pruned_hf   # final export
-            interval: 500ba                            # optional: also <save_folder>_ba<N>
-            dtype: bfloat16                            # optional, default: model dtype
+            save_interval: 500ba                       # optional: also <save_folder>_ba<N>
+            save_num_checkpoints_to_keep: 2            # optional: keep the 2 newest of those
+            precision: bfloat16                        # optional, default: model dtype
 
     Args:
         save_folder: Output directory of the final export; ``{run_name}`` is substituted.
-        interval: Also export every this many batches (``"500ba"`` or an int), to
-            ``<save_folder>_ba<N>``. None: only at fit end.
-        dtype: Dtype of the written weights (``float32``, ``bfloat16``, ``float16``).
-        overwrite: Replace existing export directories (default True: a rerun refreshes).
+            An object-store URI (``s3://bucket/run/pruned_hf``) works as for LLM Foundry's
+            ``hf_checkpointer``: the export is staged locally and uploaded through Composer's
+            object store; the folder is checked (reachable, empty or ours) at ``INIT``.
+        save_interval: Also export every this many batches (``"500ba"``, an int or a
+            ``Time`` in batches), to ``<save_folder>_ba<N>``. None: only at fit end.
+        precision: Dtype of the written weights (``float32``, ``bfloat16``, ``float16``).
+            None: the model's dtype.
+        overwrite: Replace existing export directories written by an earlier export
+            (default True: a rerun refreshes). A folder holding anything else is never
+            replaced.
+        save_num_checkpoints_to_keep: How many periodic exports of this run to keep (the
+            newest); older ones are deleted once a newer one is written. ``-1`` (default)
+            keeps all. The final export is not counted.
+        interval: Deprecated name of ``save_interval``.
+        dtype: Deprecated name of ``precision``.
     """
 
     def __init__(
         self,
         save_folder: str = "./{run_name}/pruned_hf",
+        save_interval: str | int | Time | None = None,
+        precision: str | None = None,
+        overwrite: bool = True,
+        save_num_checkpoints_to_keep: int = -1,
         interval: str | int | None = None,
         dtype: str | None = None,
-        overwrite: bool = True,
     ):
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        if isinstance(interval, int):
-            interval = f"{interval}ba"
-        self.interval = Time.from_timestring(interval) if interval else None
-        if self.interval is not None and self.interval.unit != TimeUnit.BATCH:
-            raise ValueError("pruned_hf_export interval must be in batches, e.g. '500ba'.")
+        save_interval = _renamed("interval", interval, "save_interval", save_interval)
+        precision = _renamed("dtype", dtype, "precision", precision)
+        if precision is not None and precision not in DTYPES:
+            raise ValueError(
+                f"pruned_hf_export.precision must be one of {list(DTYPES)}, got {precision!r}"
+            )
+        if isinstance(save_interval, int):
+            save_interval = f"{save_interval}ba"
+        self.save_interval = Time.from_input(save_interval) if save_interval else None
+        if self.save_interval is not None and self.save_interval.unit != TimeUnit.BATCH:
+            raise ValueError(
+                "pruned_hf_export.save_interval must be in batches, e.g. '500ba' "
+                f"(got {save_interval!r})."
+            )
+        if not isinstance(save_num_checkpoints_to_keep, int) or save_num_checkpoints_to_keep < -1:
+            raise ValueError(
+                "pruned_hf_export.save_num_checkpoints_to_keep must be -1 (keep all) or a "
+                f"count >= 0, got {save_num_checkpoints_to_keep!r}"
+            )
         self.save_folder = save_folder
-        self.dtype = DTYPES[dtype] if dtype else None
+        self.precision = precision
+        self.dtype = DTYPES[precision] if precision else None
         self.overwrite = overwrite
-        self.exported: list[Path] = []
+        self.save_num_checkpoints_to_keep = save_num_checkpoints_to_keep
+        self.exported: list[str | Path] = []
+        self.periodic: list[str] = []  # this run's periodic exports, oldest first
         bound_open_files()
 
-    def _folder(self, state: State, suffix: str = "") -> Path:
-        return Path(self.save_folder.format(run_name=state.run_name) + suffix)
+    def _folder(self, state: State, suffix: str = "") -> str:
+        # A string, not a Path: an object-store URI must keep its "s3://".
+        return self.save_folder.format(run_name=state.run_name) + suffix
 
     def init(self, state: State, logger: Logger) -> None:
         """Checks the export folder(s) before anything trains (rank 0 checks, every rank stops)."""
         problem = None
         if dist.get_global_rank() == 0:
             try:
-                check_output_dir(self._folder(state), f"{KEY}.save_folder", self.overwrite)
-                if self.interval is not None:
+                if is_remote(self.save_folder):
+                    # Proves the store reachable and the folder ours (or empty) before training.
+                    check_remote_output(self._folder(state), f"{KEY}.save_folder", self.overwrite)
+                else:
+                    for line in recover_interrupted(self._folder(state)):
+                        log.warning("pruned_hf_export: %s", line)
+                    check_output_dir(self._folder(state), f"{KEY}.save_folder", self.overwrite)
+                if self.save_interval is not None and not is_remote(self.save_folder):
                     # Periodic exports go to siblings: <save_folder>_ba<N>.
                     check_output_dir(
-                        self._folder(state, "_ba0"), f"{KEY}.save_folder (interval)", True
+                        self._folder(state, "_ba0"), f"{KEY}.save_folder (save_interval)", True
                     )
             except OutputPathError as e:
                 problem = str(e)
@@ -104,14 +158,38 @@ class PrunedHFExport(Callback):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         """Periodic export; a failure is logged and training goes on (the gates are intact)."""
-        if self.interval is None:
+        if self.save_interval is None:
             return
         batch = int(state.timestamp.batch)
-        if batch % int(self.interval.value) == 0:
+        if batch % int(self.save_interval.value) == 0:
             folder = self._folder(state, f"_ba{batch}")
             error = self._export(state, logger, folder)
             if error is not None:
                 log.error("pruned_hf_export: the export to %s failed: %s", folder, error)
+                return
+            self.periodic.append(folder)
+            if dist.get_global_rank() == 0:
+                self._drop_old_periodic_exports()
+
+    def _drop_old_periodic_exports(self) -> None:
+        """Deletes this run's oldest periodic exports beyond ``save_num_checkpoints_to_keep``."""
+        keep = self.save_num_checkpoints_to_keep
+        if keep < 0:
+            return
+        while len(self.periodic) > keep:
+            old = self.periodic.pop(0)
+            if is_remote(old):
+                try:
+                    names = list_remote(old, f"{KEY}.save_num_checkpoints_to_keep")
+                    if EXPORT_RECORD in names:
+                        delete_remote(old, names, f"{KEY}.save_num_checkpoints_to_keep")
+                except OutputPathError as error:
+                    log.warning("pruned_hf_export: could not remove %s: %s", old, error)
+                continue
+            # Only a folder that still holds our export record: never someone else's files.
+            if is_ours(old):
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("pruned_hf_export: removed %s (save_num_checkpoints_to_keep)", old)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         """Final export; if it fails, the trained state is saved as a checkpoint first."""
@@ -132,7 +210,7 @@ class PrunedHFExport(Callback):
             "checkpoints (save_folder) and export one with `composer-shear export`."
         )
 
-    def _export(self, state: State, logger: Logger, folder: Path) -> str | None:
+    def _export(self, state: State, logger: Logger, folder: str) -> str | None:
         """Exports on rank 0; returns rank 0's error message (on every rank), or ``None``."""
         error: str | None = None
         # Every rank takes part in the gather; only rank 0 receives the tensors.
@@ -149,19 +227,21 @@ class PrunedHFExport(Callback):
         dist.broadcast_object_list(status, src=0)
         return status[0]
 
-    def _save_rescue_checkpoint(self, state: State, folder: Path) -> tuple[Path | None, str | None]:
+    def _save_rescue_checkpoint(self, state: State, folder: str) -> tuple[Path | None, str | None]:
         """Writes a Composer checkpoint of the trained state where it can (all ranks call).
 
-        Candidates: next to the export folder, then the system temp folder. Returns the
+        Candidates: next to a local export folder, then the system temp folder. Returns the
         checkpoint path (``None`` if none could be written) and the last error.
         """
         from composer.utils.checkpoint import save_checkpoint
 
-        name = f"{folder.name}-rescue-{state.run_name}"
+        name = f"{Path(parse_uri(folder)[2]).name}-rescue-{state.run_name}"
+        places = [] if is_remote(folder) else [Path(folder).parent / name]
+        places.append(Path(tempfile.gettempdir()) / name)
         choice: list[str | None] = [None]
         errors: list[str] = []
         if dist.get_global_rank() == 0:
-            for place in (folder.parent / name, Path(tempfile.gettempdir()) / name):
+            for place in places:
                 try:
                     check_output_dir(place, "rescue checkpoint", overwrite=True)
                 except OutputPathError as e:
@@ -186,7 +266,7 @@ class PrunedHFExport(Callback):
         return (Path(saved) if saved else Path(choice[0])), None
 
     def _export_rank0(
-        self, state: State, logger: Logger, folder: Path, weights: dict | None
+        self, state: State, logger: Logger, folder: str, weights: dict | None
     ) -> None:
         hf_model = find_gated_hf_model(state.model)
         if weights is not None:
@@ -205,6 +285,23 @@ class PrunedHFExport(Callback):
         self.exported.append(summary.out_dir)
         log.info("pruned_hf_export:\n%s", summary.describe())
         logger.log_metrics({"pruned_hf_export/num_params": float(summary.target.num_params())})
+
+
+def _renamed(old_name: str, old_value: Any, new_name: str, new_value: Any) -> Any:
+    """The value of a renamed key: the new name's, else the old name's (with a warning)."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise ValueError(
+            f"pruned_hf_export: give {new_name} only ({old_name} is its deprecated name)."
+        )
+    warnings.warn(
+        f"pruned_hf_export: `{old_name}` is deprecated; use `{new_name}` "
+        "(the key name of LLM Foundry's hf_checkpointer).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
 
 
 def _composer_model(model):

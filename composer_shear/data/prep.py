@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,6 +46,14 @@ import numpy as np
 
 from composer_shear.data.identity import META_FILE, read_split_meta, tokenizer_identity
 from composer_shear.interface import ModelPathError, fraction, model_path, positive_int, progress
+from composer_shear.output_paths import (
+    OutputPathError,
+    check_replaceable,
+    recover_interrupted,
+    replace_dir,
+    staging_dir,
+    write_run_marker,
+)
 
 __all__ = [
     "META_FILE",
@@ -356,8 +363,14 @@ def prepare_domains(
     if not 0.0 <= eval_fraction < 1.0:
         raise DataPrepError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     out_path = Path(out_dir).resolve()
-    if out_path.exists() and not overwrite:
-        raise DataPrepError(f"{out_path} exists; pass overwrite=True (--overwrite) to replace it")
+    for line in recover_interrupted(out_path):
+        print(line, file=sys.stderr)
+    try:
+        # An existing folder is replaced only if an earlier tokenize (or another of our
+        # commands) wrote it: a folder of someone else's files is never deleted.
+        check_replaceable(out_path, "tokenize OUT", overwrite)
+    except OutputPathError as error:
+        raise DataPrepError(str(error)) from error
 
     log = print if verbose else (lambda *a, **k: None)
     tok = _load_tokenizer(tokenizer)
@@ -384,8 +397,7 @@ def prepare_domains(
         **tokenizer_identity(tok),
         "tokenizer": getattr(tok, "name_or_path", None) or str(tokenizer),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    tmp = staging_dir(out_path)
     summary: dict[str, Any] = {**meta_base, "seed": seed, "eval_fraction": eval_fraction}
     summary["domains"] = {}
     try:
@@ -415,13 +427,11 @@ def prepare_domains(
                 )
         with open(tmp / SUMMARY_FILE, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-        if out_path.exists():
-            trash = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
-            out_path.rename(trash)
-            tmp.rename(out_path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_path)
+        write_run_marker(tmp, "composer-shear tokenize")
+        replace_dir(tmp, out_path)
+    except OutputPathError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataPrepError(str(error)) from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

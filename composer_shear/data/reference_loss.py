@@ -34,6 +34,13 @@ import numpy as np
 from composer_shear.data.calibration import read_mds_token_samples
 from composer_shear.data.identity import check_split_tokenizer, read_split_meta
 from composer_shear.interface import UsageError, model_path, positive_int, progress
+from composer_shear.output_paths import (
+    OutputPathError,
+    check_output_file,
+    is_remote,
+    object_store_of,
+    write_text_output,
+)
 
 __all__ = [
     "evaluate_domain_losses",
@@ -326,6 +333,16 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--model needs --data")
     if args.fit is None and args.model is None:
         raise UsageError("give either --model and --data, or --fit and --target-params")
+    if args.out:
+        # Before any evaluation: an unwritable file or an unsupported scheme fails now.
+        try:
+            if is_remote(args.out):
+                object_store_of(args.out, "reference-loss --out")
+            else:
+                check_output_file(args.out, "reference-loss --out")
+        except OutputPathError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     try:
         if args.recipe is not None and not args.domains:
             args.domains = recipe_domains(args.recipe)
@@ -365,7 +382,12 @@ def _run(args: argparse.Namespace) -> int:
     snippet = target_loss_snippet(result)
     print("\n" + snippet, end="", file=out)
     if args.out:
-        Path(args.out).write_text(snippet)
+        # A local path or an object-store URI (s3://...).
+        try:
+            write_text_output(args.out, snippet, "reference-loss --out")
+        except OutputPathError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -52,6 +52,17 @@ from composer_shear.downstream.tasks import (
     task_spec,
 )
 from composer_shear.interface import ModelPathError, model_path, positive_int
+from composer_shear.output_paths import (
+    OutputPathError,
+    check_remote_output,
+    check_replaceable,
+    is_remote,
+    recover_interrupted,
+    replace_dir,
+    staging_dir,
+    upload_dir,
+    write_run_marker,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -359,7 +370,7 @@ def _tasks_dumper() -> type:
 
 
 def _command(
-    out_dir: Path,
+    out_dir: str | Path,
     tasks: Sequence[str],
     items: int | None,
     seed: int,
@@ -428,11 +439,14 @@ def build_eval_data(
     verbose: bool = True,
     tokenizer: str | Path | None = None,
     max_seq_len: int = 4096,
-) -> Path:
+    dataset_root: str | None = None,
+) -> str | Path:
     """Writes LLM Foundry ICL files, ``icl_tasks.yaml``, ``manifest.json`` and ``SOURCES.md``.
 
     Args:
-        out_dir: Folder to write (created; refused if not empty, unless ``overwrite``).
+        out_dir: Folder to write (created; refused if not empty, unless ``overwrite``), or
+            an object-store URI (``s3://bucket/eval_data``: built in a scratch folder and
+            uploaded; the ``dataset_uri`` entries then point into the store).
         tasks: Task names (see :data:`~composer_shear.downstream.tasks.TASKS`).
         items: Rows per task, a seeded subset (sorted in source order); ``None``: all rows.
         seed: Seed of the subsets (each task's subset depends only on its name and the seed).
@@ -446,6 +460,8 @@ def build_eval_data(
             ``llmfoundry eval`` on a CPU several times faster). Without it the eval YAML's
             top-level ``max_seq_len`` applies to every task.
         max_seq_len: Upper bound of the measured lengths (the model's context).
+        dataset_root: Where the files will be read from, for the ``dataset_uri`` entries and
+            the recorded command (default: ``out_dir``).
 
     Returns:
         The path of ``icl_tasks.yaml``. Its ``dataset_uri`` entries are absolute paths, so
@@ -465,16 +481,43 @@ def build_eval_data(
         raise ValueError(f"items must be positive (or None for all rows), got {items}")
     tasks = list(dict.fromkeys(tasks))
     specs = [task_spec(name) for name in tasks]
+    if is_remote(out_dir):
+        uri = str(out_dir).rstrip("/")
+        try:
+            check_remote_output(uri, "eval-data OUT", overwrite)
+        except OutputPathError as error:
+            raise FileExistsError(str(error)) from error
+        with tempfile.TemporaryDirectory(prefix="composer_shear_eval_data_") as scratch:
+            local = Path(scratch) / "eval_data"
+            build_eval_data(
+                local,
+                tasks,
+                items,
+                seed,
+                shots,
+                source,
+                False,
+                verbose,
+                tokenizer,
+                max_seq_len,
+                dataset_root=uri,
+            )
+            upload_dir(local, uri, "eval-data OUT")
+        return f"{uri}/{TASKS_YAML_NAME}"
     out_dir = Path(out_dir).resolve()
-    not_empty = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
-    if not_empty and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite.")
-    command = _command(out_dir, tasks, items, seed, shots, source, tokenizer, max_seq_len)
+    published = dataset_root.rstrip("/") if dataset_root else str(out_dir)
+    for line in recover_interrupted(out_dir):
+        print(line, file=sys.stderr)
+    try:
+        # Only a folder an earlier run of ours wrote is replaced, whatever --overwrite says.
+        check_replaceable(out_dir, "eval-data OUT", overwrite)
+    except OutputPathError as error:
+        raise FileExistsError(str(error)) from error
+    command = _command(published, tasks, items, seed, shots, source, tokenizer, max_seq_len)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed into place, so that a failure never leaves a
     # half-written folder behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
         written: dict[str, dict[str, Any]] = {}
         entries = []
@@ -498,7 +541,7 @@ def build_eval_data(
                 "eligible_rows": len(eligible),
                 "source_indices": picked,
             }
-            entries.append(_icl_task_entry(spec, str(out_dir / path.name), num_shots))
+            entries.append(_icl_task_entry(spec, f"{published}/{path.name}", num_shots))
             if verbose:
                 left_out = len(rows) - len(eligible)
                 note = (
@@ -552,9 +595,11 @@ def build_eval_data(
         (staging / SOURCES_NAME).write_text(
             _sources_markdown(tasks, written, command, source), encoding="utf-8"
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        staging.rename(out_dir)
+        write_run_marker(staging, "composer-shear eval-data")
+        replace_dir(staging, out_dir)
+    except OutputPathError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileExistsError(str(error)) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

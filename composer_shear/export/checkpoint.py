@@ -9,7 +9,10 @@ it claims to come from is an error, never a silent random init.
 from __future__ import annotations
 
 import argparse
+import datetime
+import itertools
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -17,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from composer.utils import parse_uri
+from numpy._core import multiarray as np_multiarray
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.torch_version import TorchVersion
 
 from composer_shear.export.surgery import PruningPlan, plan_pruning, prune_model
 from composer_shear.export.units import (
@@ -27,9 +37,22 @@ from composer_shear.export.units import (
     kept_units_record,
     read_kept_units,
 )
-from composer_shear.export.writer import DTYPES, ExportError, check_out_dir, write_hf_directory
+from composer_shear.export.writer import (
+    DTYPES,
+    ExportError,
+    check_out_dir,
+    provenance,
+    write_hf_directory,
+)
 from composer_shear.families import get_family
 from composer_shear.interface import ModelPathError, model_path
+from composer_shear.output_paths import (
+    OutputPathError,
+    download_dir,
+    download_file,
+    is_remote,
+    list_remote,
+)
 from composer_shear.pruning.masking import GATES_ATTR, attach_gates, find_gates
 from composer_shear.shape import ModelShape
 
@@ -38,6 +61,7 @@ __all__ = [
     "ExportSummary",
     "export_checkpoint",
     "export_model",
+    "fetch_checkpoint",
     "gated_model_from_checkpoint",
     "gated_model_from_weights",
     "load_composer_checkpoint",
@@ -51,7 +75,7 @@ MODEL_PREFIX = "model."  # Composer's HuggingFaceModel keeps the HF model as `.m
 class ExportSummary:
     """What an export produced."""
 
-    out_dir: Path
+    out_dir: str | Path
     source: ModelShape
     target: ModelShape
     kept_layers: list[int]
@@ -82,6 +106,7 @@ def _export_info(plan: PruningPlan, source: ModelShape) -> dict[str, Any]:
         "target_num_params": plan.target.num_params(),
         "kept_layers": plan.kept_layers,
         "kept_hidden": len(plan.kept_hidden),
+        "method": "learned (targeted_pruning)",
     }
 
 
@@ -91,6 +116,7 @@ def export_model(
     tokenizer: Any = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    source: str | Path | None = None,
 ) -> ExportSummary:
     """Slices a gated Hugging Face model and writes the compact model to ``out_dir``.
 
@@ -100,13 +126,19 @@ def export_model(
         tokenizer: Tokenizer to save beside the weights.
         overwrite: Replace a non-empty ``out_dir``.
         dtype: Dtype of the written weights (default: the model's).
+        source: What the model came from (a checkpoint path or URI), for the export record;
+            default: the source model the config names.
     """
     start = time.perf_counter()
-    check_out_dir(Path(out_dir), overwrite)
+    check_out_dir(out_dir, overwrite)
     gates = find_gates(hf_model)
     if gates is None:
         raise ExportError("The model carries no pruning gates.")
     plan = plan_pruning(gates)
+    info = _export_info(plan, gates.source)
+    # The config of the gated model is the source's: hash it before slicing changes nothing.
+    name = getattr(hf_model.config, "_name_or_path", None) or None
+    info["provenance"] = provenance(source or name, hf_model.config)
     compact = prune_model(hf_model, gates, plan)
     if dtype is not None:
         compact = compact.to(dtype)
@@ -116,8 +148,10 @@ def export_model(
         out_dir,
         tokenizer,
         overwrite,
-        info=_export_info(plan, gates.source),
+        info=info,
         kept_units=kept_units_record(plan, gates.source),
+        # The source model's folder, when it is on this machine: its licence files travel.
+        source_dir=getattr(hf_model.config, "_name_or_path", None) or None,
     )
     return ExportSummary(
         written, gates.source, gates.target, plan.kept_layers, time.perf_counter() - start
@@ -143,28 +177,176 @@ def _resolve_checkpoint_file(path: Path) -> Path:
     return candidates[-1]
 
 
-def load_composer_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a Composer checkpoint file, checkpoint folder, or sharded checkpoint folder."""
+def fetch_checkpoint(uri: str, scratch: str | Path) -> Path:
+    """Downloads the checkpoint at object-store ``uri`` into ``scratch``; returns its local path.
+
+    ``uri`` is a checkpoint object (``s3://b/run/ep0-ba6-rank0.pt``) or a save folder: its
+    sharded checkpoint (a ``.metadata`` object: every shard is downloaded), else the file
+    ``latest-rank0.pt`` points to (Composer uploads it as a ``.symlink`` object), else the
+    last ``*.pt`` by name.
+
+    Raises:
+        ExportError: Nothing usable at ``uri``, an unsupported scheme, an unreachable store.
+    """
+    key = "checkpoint"
+    scratch = Path(scratch)
+    try:
+        names = list_remote(uri, key)
+        if not names:
+            return download_file(uri, scratch / Path(parse_uri(uri)[2]).name, key)
+        if ".metadata" in names:
+            return download_dir(uri, scratch / "sharded", key)
+        if "latest-rank0.pt.symlink" in names:
+            return download_file(
+                f"{uri.rstrip('/')}/latest-rank0.pt.symlink", scratch / "latest.pt", key
+            )
+        checkpoints = [n for n in names if n.endswith(".pt") and "/" not in n]
+        if not checkpoints:
+            raise ExportError(f"No Composer checkpoint (*.pt) under {uri}.")
+        return download_file(f"{uri.rstrip('/')}/{checkpoints[-1]}", scratch / checkpoints[-1], key)
+    except OutputPathError as error:
+        raise ExportError(str(error)) from error
+
+
+def _safe_checkpoint_globals() -> list[Any]:
+    """The non-tensor types a Composer checkpoint holds, for ``torch.load(weights_only=True)``.
+
+    Composer pickles numpy arrays and dtypes (RNG state), ``TorchVersion`` and
+    ``datetime.timedelta`` (timestamps) besides tensors and plain containers; none of these
+    runs code when unpickled.
+    """
+    return [
+        np.ndarray,
+        np.dtype,
+        np_multiarray._reconstruct,
+        *(getattr(np.dtypes, name) for name in np.dtypes.__all__),
+        TorchVersion,
+        datetime.timedelta,
+    ]
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    """``torch.load`` restricted to the allow-listed types unless ``trust``; memory-mapped."""
+    if trust:
+        # The user vouched for the file: arbitrary pickles (and the code they run) allowed.
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as error:
+            try:
+                unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+            except Exception:  # the listing is only for the message
+                unsafe = []
+            raise ExportError(
+                f"{path} holds objects beyond tensors and the types Composer checkpoints "
+                f"use ({', '.join(unsafe) or error}); loading it could run code from the file. "
+                "If you trust where it came from, pass --trust-checkpoint "
+                "(trust_checkpoint=True)."
+            ) from error
+
+
+# The parts of a Composer checkpoint an export reads; the optimizer state is never read.
+EXPORT_KEYS = (("state", "model"), ("state", "integrations"), ("state", "algorithms"))
+
+
+class _SafeBytesLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are unpickled ``weights_only``."""
+
+    def __init__(self, trust: bool) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.trust = trust
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        """Unpickles one non-tensor entry with the allow-list (DCP's own allows any)."""
+        if self.trust:
+            obj = torch.load(value, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+                try:
+                    obj = torch.load(value, weights_only=True)
+                except pickle.UnpicklingError as error:
+                    raise ExportError(
+                        f"entry {read_item.dest_index.fqn} of the sharded checkpoint holds "
+                        f"objects beyond the allow-list ({error}); pass --trust-checkpoint "
+                        "if you trust the checkpoint."
+                    ) from error
+        self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _load_sharded(path: Path, trust: bool) -> dict[str, Any]:
+    """Reads the model, HF and algorithm entries of a sharded (DCP) checkpoint folder.
+
+    Shard by shard through DCP's reader, straight into tensors of the right size: no
+    consolidated temporary file, and the optimizer state is never read.
+    """
+    reader = FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    paths = metadata.planner_data or {}
+    wanted: dict[str, Any] = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        where = tuple(paths.get(fqn, tuple(fqn.split("."))))
+        if not any(where[: len(key)] == key for key in EXPORT_KEYS):
+            continue
+        if isinstance(entry, TensorStorageMetadata):
+            wanted[fqn] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        else:
+            wanted[fqn] = None  # an object, filled in by the planner
+    dcp_load(wanted, storage_reader=reader, planner=_SafeBytesLoadPlanner(trust), no_dist=True)
+    checkpoint: dict[str, Any] = {}
+    for fqn, value in wanted.items():
+        _set_nested(checkpoint, tuple(paths.get(fqn, tuple(fqn.split(".")))), value)
+    return checkpoint
+
+
+def _set_nested(root: dict[str, Any], where: tuple, value: Any) -> None:
+    """Sets ``root[where[0]][where[1]]... = value``, creating dicts and lists on the way."""
+    node: Any = root
+    for step, following in itertools.pairwise(where):
+        empty: Any = [] if isinstance(following, int) else {}
+        if isinstance(node, list):
+            while len(node) <= step:
+                node.append(None)
+            if node[step] is None:
+                node[step] = empty
+        else:
+            node.setdefault(step, empty)
+        node = node[step]
+    last = where[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
+
+
+def load_composer_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Reads a Composer checkpoint file, checkpoint folder, or sharded checkpoint folder.
+
+    The file is memory-mapped, so tensors that are never used (optimizer state) are never
+    read, and unpickled with ``weights_only=True`` plus an allow-list of the types Composer
+    checkpoints hold, so a crafted file cannot run code, unless ``trust_checkpoint``.
+
+    Args:
+        path: A local checkpoint file or folder (see :func:`fetch_checkpoint` for URIs).
+        trust_checkpoint: Allow arbitrary pickled objects (runs code from the file).
+    """
     path = _resolve_checkpoint_file(Path(path))
     if path.is_dir():
-        # Sharded FSDP checkpoint: consolidate with torch's own converter.
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            merged = Path(tmp) / "consolidated.pt"
-            try:
-                dcp_to_torch_save(str(path), str(merged))
-                checkpoint = torch.load(merged, map_location="cpu", weights_only=False)
-            except Exception as error:
-                raise ExportError(
-                    f"Could not consolidate the sharded checkpoint {path}: {error}. Save with "
-                    "`fsdp_config.state_dict_type: full` or consolidate it with "
-                    "torch.distributed.checkpoint.format_utils.dcp_to_torch_save."
-                ) from error
+        try:
+            checkpoint = _load_sharded(path, trust_checkpoint)
+        except ExportError:
+            raise
+        except Exception as error:
+            raise ExportError(
+                f"Could not read the sharded checkpoint {path}: {error}. Save with "
+                "`fsdp_config.state_dict_type: full` or consolidate it with "
+                "torch.distributed.checkpoint.format_utils.dcp_to_torch_save."
+            ) from error
     else:
         try:
-            # Composer checkpoints pickle more than tensors; only load files you trust.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = _torch_load(path, trust_checkpoint)
+        except ExportError:
+            raise
         except Exception as error:
             raise ExportError(f"Cannot read checkpoint {path}: {error}") from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state"), dict):
@@ -286,39 +468,48 @@ def export_checkpoint(
     overwrite: bool = False,
     tokenizer_path: str | Path | None = None,
     dtype: str = "auto",
+    trust_checkpoint: bool = False,
 ) -> ExportSummary:
     """``composer-shear export``: Composer checkpoint -> compact Hugging Face directory.
 
     Args:
-        checkpoint_path: A checkpoint file, a save folder, or a sharded checkpoint folder.
-        out_dir: Output directory (must be empty unless ``overwrite``).
-        overwrite: Replace a non-empty output directory.
+        checkpoint_path: A checkpoint file, a save folder, or a sharded checkpoint folder;
+            local or an object-store URI (``s3://bucket/run/checkpoints``).
+        out_dir: Output directory, local or an object-store URI (must be empty unless
+            ``overwrite``, and only an earlier export is ever replaced).
+        overwrite: Replace an earlier export in ``out_dir``.
         tokenizer_path: Tokenizer to use when the checkpoint carries none.
         dtype: ``auto`` (the source config's dtype, else float32), or an explicit dtype.
+        trust_checkpoint: Unpickle arbitrary objects from the checkpoint (runs its code).
 
     Raises:
         ExportError: Bad checkpoint, no pruning state, no tokenizer, non-empty output.
     """
     start = time.perf_counter()
-    check_out_dir(Path(out_dir), overwrite)
-    checkpoint = load_composer_checkpoint(checkpoint_path)
-    # The tokenizer's files are materialised here (not in the working directory) and must
-    # outlive the export, which saves them next to the weights.
-    tokenizer_dir = tempfile.TemporaryDirectory(prefix="composer_shear_tokenizer_")
-    tokenizer = _tokenizer(checkpoint, tokenizer_path, tokenizer_dir.name)
-    model = gated_model_from_checkpoint(checkpoint)
-    del checkpoint
-    if dtype == "auto":
-        torch_dtype = getattr(model.config, "torch_dtype", None)
-        if isinstance(torch_dtype, str):
-            torch_dtype = DTYPES.get(torch_dtype)
-        torch_dtype = torch_dtype or torch.float32
-    else:
-        torch_dtype = DTYPES[dtype]
-    try:
-        summary = export_model(model, out_dir, tokenizer, overwrite, dtype=torch_dtype)
-    finally:
-        tokenizer_dir.cleanup()
+    check_out_dir(out_dir, overwrite)
+    # Downloads and the tokenizer's files live here (never in the working directory); the
+    # tokenizer must outlive the export, which saves it next to the weights.
+    with tempfile.TemporaryDirectory(prefix="composer_shear_export_") as scratch:
+        local = checkpoint_path
+        if is_remote(checkpoint_path):
+            print(f"downloading {checkpoint_path}", flush=True)
+            local = fetch_checkpoint(str(checkpoint_path), Path(scratch) / "checkpoint")
+        checkpoint = load_composer_checkpoint(local, trust_checkpoint)
+        tokenizer_dir = Path(scratch) / "tokenizer"
+        tokenizer_dir.mkdir()
+        tokenizer = _tokenizer(checkpoint, tokenizer_path, str(tokenizer_dir))
+        model = gated_model_from_checkpoint(checkpoint)
+        del checkpoint
+        if dtype == "auto":
+            torch_dtype = getattr(model.config, "torch_dtype", None)
+            if isinstance(torch_dtype, str):
+                torch_dtype = DTYPES.get(torch_dtype)
+            torch_dtype = torch_dtype or torch.float32
+        else:
+            torch_dtype = DTYPES[dtype]
+        summary = export_model(
+            model, out_dir, tokenizer, overwrite, dtype=torch_dtype, source=str(checkpoint_path)
+        )
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -354,7 +545,12 @@ def _run_cli(args: argparse.Namespace) -> int:
     try:
         tokenizer = None if args.tokenizer is None else model_path(args.tokenizer, "tokenizer")
         summary = export_checkpoint(
-            args.checkpoint, args.out_dir, args.overwrite, tokenizer, args.dtype
+            args.checkpoint,
+            args.out_dir,
+            args.overwrite,
+            tokenizer,
+            args.dtype,
+            trust_checkpoint=args.trust_checkpoint,
         )
     except (ExportError, ModelPathError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -376,14 +572,23 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "checkpoint", help="checkpoint file, save folder, or sharded checkpoint folder"
+        "checkpoint",
+        help="checkpoint file, save folder, or sharded checkpoint folder (local or s3://...)",
     )
-    parser.add_argument("out_dir", help="output directory (must be empty or absent)")
+    parser.add_argument(
+        "out_dir", help="output directory, local or s3://... (must be empty or absent)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.add_argument(
         "--tokenizer",
         help="tokenizer directory (the source model's) if the checkpoint has none "
         "(default: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle any object in the checkpoint (runs code from the file; default: "
+        "tensors and the types Composer checkpoints hold only)",
     )
     parser.add_argument(
         "--dtype",

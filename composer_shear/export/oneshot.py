@@ -43,7 +43,12 @@ from composer_shear.data.calibration import calibration_batches
 from composer_shear.export.search import TABLE_HEADER, candidate_shapes, search_shape
 from composer_shear.export.surgery import PruningPlan, plan_from_masks, prune_model
 from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
-from composer_shear.export.writer import ExportError, check_out_dir, write_hf_directory
+from composer_shear.export.writer import (
+    ExportError,
+    check_out_dir,
+    provenance,
+    write_hf_directory,
+)
 from composer_shear.families import get_family
 from composer_shear.interface import UsageError, model_path, positive_int
 from composer_shear.pruning.gates import top_k_mask
@@ -265,7 +270,7 @@ def prune_oneshot_to_dir(
         raise ValueError("give a target shape, a parameter budget or units, not several")
     if target_shape is None and not units and target_params is None:
         raise ValueError("a target shape or a parameter budget is required (or units)")
-    check_out_dir(Path(out_dir), overwrite)
+    check_out_dir(out_dir, overwrite)
     calibrated = method in NATIVE_LAYER_SCORE
     if target_params is not None and not calibrated:
         raise ValueError(f"a parameter budget needs a calibrated method, not {method}")
@@ -278,6 +283,7 @@ def prune_oneshot_to_dir(
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     source_shape = get_family(model).shape(model.config)
+    source_record = provenance(source, model.config)  # before any cut touches the config
     if record is not None:
         plan = units_plan(model, record)
         if target_shape is not None and source_shape.resolve_target(dict(target_shape)) != (
@@ -347,6 +353,8 @@ def prune_oneshot_to_dir(
         info["layer_score"] = layer_score or NATIVE_LAYER_SCORE[method]
     if record is not None:
         info["units_from"] = str(units)
+    info["calibration_data"] = None if data is None else str(data)
+    info["provenance"] = source_record
     if search is not None:
         info["target_params"] = target_params
         info["non_embedding"] = non_embedding
@@ -360,6 +368,7 @@ def prune_oneshot_to_dir(
         overwrite,
         info=info,
         kept_units=kept_units_record(plan, source_shape),
+        source_dir=source,
     )
     return OneshotSummary(written, source_shape, plan.target, n_tokens, time.perf_counter() - start)
 

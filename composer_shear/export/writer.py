@@ -8,9 +8,14 @@ and the kept-units record (:mod:`composer_shear.export.units`).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import logging
+import shlex
 import shutil
-import uuid
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +24,43 @@ from torch import nn
 
 from composer_shear.export.units import write_kept_units
 from composer_shear.interface import progress
+from composer_shear.output_paths import (
+    EXPORT_RECORD,
+    OutputPathError,
+    check_remote_output,
+    check_replaceable,
+    is_remote,
+    recover_interrupted,
+    replace_dir,
+    staging_dir,
+    upload_dir,
+)
 
-__all__ = ["DTYPES", "EXPORT_INFO", "ExportError", "check_out_dir", "write_hf_directory"]
+__all__ = [
+    "DTYPES",
+    "EXPORT_INFO",
+    "ExportError",
+    "check_finite_tensors",
+    "check_out_dir",
+    "config_hash",
+    "model_card",
+    "provenance",
+    "write_hf_directory",
+]
+
+log = logging.getLogger(__name__)
+
+# The export record: what was cut, from what. Its presence also marks the folder as ours, so
+# a later ``overwrite`` may replace it (:mod:`composer_shear.output_paths`).
+EXPORT_INFO = EXPORT_RECORD
 
 
-EXPORT_INFO = "composer_shear_export.json"
+# Files that carry a source model's licence terms; copied beside derived weights.
+LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*")
+# Packages whose versions an export records.
+RECORDED_PACKAGES = ("composer_shear", "torch", "transformers", "mosaicml", "llm-foundry")
 
+MAX_SHARD_SIZE = "2GB"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,14 +69,147 @@ class ExportError(RuntimeError):
     """The checkpoint or the output directory cannot be used; nothing was written."""
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Raises ExportError unless ``out_dir`` is absent, empty, or may be overwritten."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Raises ExportError unless ``out_dir`` is absent, empty, or an export we may replace.
+
+    Leftovers of an interrupted earlier export to ``out_dir`` are cleaned first (and logged).
+    A non-empty folder without our export record is refused even with ``overwrite``.
+    ``out_dir`` may be an object-store URI (``s3://bucket/folder``): the same rule holds for
+    the objects under it, and the store must be reachable.
+    """
+    try:
+        if is_remote(out_dir):
+            check_remote_output(str(out_dir), "output directory", overwrite)
+            return
+        for line in recover_interrupted(out_dir):
+            log.warning("%s", line)
+        check_replaceable(out_dir, "output directory", overwrite)
+    except OutputPathError as error:
+        raise ExportError(str(error)) from error
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raises ExportError naming every tensor of ``tensors`` that holds a NaN or an infinity.
+
+    Args:
+        tensors: Name -> tensor (e.g. a state dict).
+        what: What the tensors are, for the message.
+    """
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise ExportError(
-            f"Output directory {out_dir} is not empty; pass --overwrite to replace it."
+            f"{what}: non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}. "
+            "Nothing was written; the gates or weights diverged before this point."
         )
+
+
+# Config keys that say how a model was loaded, not what it is: left out of its hash.
+VOLATILE_CONFIG_KEYS = ("torch_dtype", "transformers_version", "use_cache")
+
+
+def config_hash(config: Any) -> str:
+    """SHA-256 of a ``transformers`` config's JSON (sorted keys): which source this was.
+
+    Keys that depend on how the model was loaded (private ``_*`` keys, the load dtype, the
+    ``transformers`` version) are left out, so the same source hashes the same.
+    """
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = {
+        k: v for k, v in data.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def provenance(source: str | Path | None, source_config: Any = None) -> dict[str, Any]:
+    """The provenance part of an export record: source, versions, command.
+
+    Args:
+        source: The source model or checkpoint (path, URI or hub id).
+        source_config: The source model's config (hashed, and its ``_name_or_path`` kept).
+    """
+    versions = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    record: dict[str, Any] = {
+        "source": None if source is None else str(source),
+        "versions": versions,
+        "python": sys.version.split()[0],
+        # The command line that made it: `composer-shear export ...`, or `llmfoundry train
+        # YAML overrides...` for the callback (the YAML path and every override).
+        "command": shlex.join(sys.argv),
+    }
+    if source_config is not None:
+        record["source_model"] = getattr(source_config, "_name_or_path", None) or None
+        record["source_config_sha256"] = config_hash(source_config)
+    return record
+
+
+def model_card(config: Any, info: dict[str, Any]) -> str:
+    """A Hugging Face model card (``README.md``) for an export: base model, shape, recipe."""
+    prov = info.get("provenance", {})
+    base = prov.get("source_model") or prov.get("source")
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if base and "/" in str(base) and not Path(str(base)).exists() and "://" not in str(base):
+        front.append(f"base_model: {base}")  # a hub id: HF links the card to it
+    front.append("---")
+    shape = info.get("target_shape") or {}
+    rows = "\n".join(
+        f"| `{k}` | {info.get('source_shape', {}).get(k, '')} | {v} |" for k, v in shape.items()
+    )
+    params = info.get("target_num_params")
+    source_params = info.get("source_num_params")
+    versions = ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if v)
+    lines = [
+        *front,
+        "",
+        f"# {config.model_type} pruned with composer_shear",
+        "",
+        f"Structured pruning (Sheared-LLaMA style) of **{base or 'an unrecorded source'}**.",
+        "",
+        "| | source | pruned |",
+        "|---|---|---|",
+        rows,
+        f"| parameters | {source_params:,} | {params:,} |" if params and source_params else "",
+        "",
+        "## How it was made",
+        "",
+        f"- method: {info.get('method', 'learned (targeted_pruning)')}",
+        f"- source: `{prov.get('source')}`"
+        + (
+            f" (config sha256 `{prov['source_config_sha256'][:16]}`)"
+            if prov.get("source_config_sha256")
+            else ""
+        ),
+        f"- command: `{prov.get('command', '')}`",
+        f"- versions: {versions}",
+        "",
+        "The kept units of every layer are in `composer_shear_kept_units.json`, the full record in",
+        f"`{EXPORT_INFO}`. The source model's licence terms apply to these weights; its licence",
+        "files, when it had any, are copied here.",
+        "",
+    ]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def copy_licences(source_dir: str | Path | None, out_dir: Path) -> list[str]:
+    """Copies the source's licence files (``LICENSE*``, ``USE_POLICY*``...) into ``out_dir``."""
+    if source_dir is None or is_remote(source_dir) or not Path(source_dir).is_dir():
+        return []
+    copied = []
+    for pattern in LICENCE_PATTERNS:
+        for path in sorted(Path(source_dir).glob(pattern)):
+            if path.is_file() and not (out_dir / path.name).exists():
+                shutil.copy2(path, out_dir / path.name)
+                copied.append(path.name)
+    return copied
 
 
 def write_hf_directory(
@@ -50,49 +219,76 @@ def write_hf_directory(
     overwrite: bool = False,
     info: dict[str, Any] | None = None,
     kept_units: dict[str, Any] | None = None,
-) -> Path:
+    source_dir: str | Path | None = None,
+) -> str | Path:
     """Writes ``model`` (+ tokenizer) as a Hugging Face directory, atomically.
 
     Everything goes to a temporary sibling first and is renamed into place at the end, so a
-    failure never leaves a half-written ``out_dir`` (and an existing one survives it).
+    failure never leaves a half-written ``out_dir`` (and an existing one survives it). Every
+    tensor is checked to be finite before anything is written. A folder is only replaced if
+    it holds our export record (:func:`check_out_dir`).
 
     Args:
         model: The model to write.
-        out_dir: Output directory.
+        out_dir: Output directory, or an object-store URI (``s3://bucket/folder``: staged
+            locally, then uploaded through Composer's object store).
         tokenizer: Tokenizer to save beside the weights.
         overwrite: Replace a non-empty ``out_dir``.
-        info: Written as ``composer_shear_export.json``.
+        info: Written as ``composer_shear_export.json`` (an empty record if ``None``: the
+            file marks the folder as ours).
         kept_units: A :func:`~composer_shear.export.units.kept_units_record`, written as
             ``composer_shear_kept_units.json``.
+        source_dir: The source model's local folder: its licence files are copied along.
+
+    Besides the weights the folder gets a ``README.md`` model card (:func:`model_card`) and
+    the source's licence files (``LICENSE*``, ``USE_POLICY*``, ``NOTICE*``) when it has them.
     """
+    if is_remote(out_dir):
+        check_out_dir(out_dir, overwrite)
+        # Staged whole on local disk, then uploaded (export record last).
+        with tempfile.TemporaryDirectory(prefix="composer_shear_upload_") as scratch:
+            local = write_hf_directory(
+                model,
+                Path(scratch) / "export",
+                tokenizer,
+                info=info,
+                kept_units=kept_units,
+                source_dir=source_dir,
+            )
+            try:
+                upload_dir(local, str(out_dir), "output directory")
+            except OutputPathError as error:
+                raise ExportError(str(error)) from error
+        return out_dir
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    check_finite_tensors(model.state_dict(), f"export to {out_dir}")
+    tmp = staging_dir(out_dir)
     # Steps: weights (most of the time), tokenizer, records, publication.
     bar = progress(desc=f"writing {out_dir.name}", total=4, unit="step")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Sharded safetensors with an index: the serializer copies one shard at a time.
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         bar.update()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         bar.update()
-        if info is not None:
-            (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if kept_units is not None:
             write_kept_units(tmp, kept_units)
+        info = dict(info or {})
+        info["licence_files"] = copy_licences(source_dir, tmp)
+        (tmp / "README.md").write_text(model_card(model.config, info))
+        # The record goes last: a staged folder with a record is a complete export.
+        (tmp / EXPORT_INFO).write_text(json.dumps(info or {}, indent=2) + "\n")
         bar.update()
-        if out_dir.exists():
-            out_dir.rename(backup)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
         bar.update()
+    except OutputPathError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(str(error)) from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if backup.exists() and not out_dir.exists():
-            backup.rename(out_dir)
         raise
     finally:
         bar.close()
-    shutil.rmtree(backup, ignore_errors=True)
     return out_dir

@@ -334,8 +334,10 @@ class TargetedPruning(Algorithm):
     the unmodified model and adds their optimizer groups; at ``FIT_START`` of a new run it
     optionally initialises the gates from activation importance (``init: activation``); at
     ``BATCH_START`` it ramps each dimension's target sparsity linearly over
-    ``lagrangian_warmup``; at ``AFTER_LOSS`` it adds the Lagrangian penalty (computed in the
-    forward pass) to the loss; at ``BATCH_END`` it clamps log-alpha and logs expected vs.
+    ``lagrangian_warmup``; at ``AFTER_LOSS`` it checks that the gates, multipliers and penalty
+    are finite (else :class:`~composer_shear.pruning.masking.NonFiniteGateError` names the
+    dimension, layer and step) and adds the Lagrangian penalty (computed in the forward pass)
+    to the loss; at ``BATCH_END`` it clamps log-alpha and logs expected vs.
     target sparsity, multipliers, expected parameter count and penalty. Evaluation runs the
     deterministic masks (``eval_at``).
 
@@ -589,6 +591,7 @@ class TargetedPruning(Algorithm):
             if self.objective == "distill":
                 self._teacher_logits = source_logits(state, gates)
         elif event == Event.AFTER_LOSS:
+            gates.check_finite(int(state.timestamp.batch) + 1)
             if self.objective == "distill":
                 add_source_distillation(state, self._teacher_logits)
                 self._teacher_logits = None

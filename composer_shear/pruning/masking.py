@@ -54,6 +54,7 @@ __all__ = [
     "DIMENSIONS",
     "EVAL_MODES",
     "ForwardMasks",
+    "NonFiniteGateError",
     "ShearGates",
     "attach_gates",
     "find_gated_hf_model",
@@ -67,6 +68,20 @@ INIT_BAND_HALF_WIDTH = 0.5
 DIMENSIONS = ("layers", "kv_heads", "heads", "intermediate", "hidden")
 EVAL_MODES = ("target", "expected")
 GATES_ATTR = "shear_gates"
+
+
+class NonFiniteGateError(FloatingPointError):
+    """A gate quantity became NaN or infinite in training; the message names which and where."""
+
+
+def _where(name: str, bad: torch.Tensor) -> str:
+    """The layers (or hidden units) a boolean ``bad`` mask of gate ``name`` points at."""
+    if name == "hidden":
+        units = bad.nonzero().flatten().tolist()
+        more = f" and {len(units) - 8} more" if len(units) > 8 else ""
+        return f"hidden unit(s) {units[:8]}{more} (shared by every layer)"
+    rows = bad if bad.dim() == 1 else bad.reshape(bad.shape[0], -1).any(-1)
+    return f"layer(s) {rows.nonzero().flatten().tolist()}"
 
 
 @dataclass
@@ -163,6 +178,9 @@ class ShearGates(nn.Module):
         self._forward_in_step = 0
         self.penalty: torch.Tensor | None = None
         self.metrics: dict[str, torch.Tensor] = {}
+        # Non-finite flags of the last training forward, read by check_finite() (one host sync
+        # per step, outside the forward, where FSDP has the parameters gathered).
+        self.nonfinite: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- gate values ------------------------------------------------------------------------
 
@@ -359,8 +377,10 @@ class ShearGates(nn.Module):
             self.masks = None
             return ForwardMasks()
         if self.training:
-            self.masks = self.build_masks(self.gate_values())
+            values = self.gate_values()
+            self.masks = self.build_masks(values)
             self.penalty, self.metrics = self.lagrangian_penalty()
+            self.nonfinite = self._nonfinite_flags(values)
             return self.masks
         # Eval forwards (e.g. every token of generate()) reuse the masks until a gate changes:
         # any in-place update (optimizer step, clamp, load) bumps the parameter's version.
@@ -372,6 +392,55 @@ class ShearGates(nn.Module):
             self._eval_cache = (key, self.build_masks(self.gate_values()))
         self.masks = self._eval_cache[1]
         return self.masks
+
+    @torch.no_grad()
+    def _nonfinite_flags(
+        self, values: dict[str, torch.Tensor]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per gate: where its log-alphas, sampled values and multipliers are not finite."""
+        flags = {}
+        for name, gate in self.gates.items():
+            lambda_1, lambda_2 = gate.multipliers()
+            flags[name] = {
+                "log_alpha": ~torch.isfinite(gate.log_alpha.detach()),
+                "gate values": ~torch.isfinite(values[name].detach()),
+                "multipliers": ~torch.isfinite(torch.stack([lambda_1, lambda_2]).detach()),
+            }
+        return flags
+
+    def check_finite(self, step: int) -> None:
+        """Raises :class:`NonFiniteGateError` if the last training forward saw a NaN or inf.
+
+        Checks the log-alphas, the sampled gate values and the multipliers of every gate, and
+        the penalty, as the last training forward computed them (one host sync).
+
+        Args:
+            step: The training step, for the message.
+        """
+        flags = self.nonfinite
+        if not flags:
+            return
+        checks = [bad.any() for per_gate in flags.values() for bad in per_gate.values()]
+        penalty = self.penalty
+        if penalty is not None:
+            checks.append(~torch.isfinite(penalty.detach()).all())
+        if not bool(torch.stack(checks).any()):
+            return
+        problems = []
+        for name, per_gate in flags.items():
+            for what, bad in per_gate.items():
+                if not bool(bad.any()):
+                    continue
+                where = "" if what == "multipliers" else f", {_where(name, bad.cpu())}"
+                problems.append(f"{what} of dimension {name!r}{where}")
+        if penalty is not None and not bool(torch.isfinite(penalty.detach()).all()):
+            problems.append("the Lagrangian penalty")
+        raise NonFiniteGateError(
+            f"targeted_pruning: non-finite values (NaN or inf) at training step {step}: "
+            + "; ".join(problems)
+            + ". Training stopped before the step's update; lower gate_lr / lambda_lr or the "
+            "learning rate, or resume from an earlier checkpoint."
+        )
 
     @contextlib.contextmanager
     def bypassed(self) -> Iterator[None]:

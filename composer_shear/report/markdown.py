@@ -620,7 +620,7 @@ def build_report(
     run_dir = Path(run_dir)
     out_dir = run_dir / "report"
     # Before any model is loaded for the generations: fail early on an unwritable folder.
-    check_output_dir(out_dir, f"composer-shear report {run_dir}", overwrite=True)
+    check_output_dir(out_dir, f"composer-shear report {run_dir}", overwrite=True, in_place=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _load_run(run_dir, out_dir)
 

