@@ -100,6 +100,26 @@ def _first(value: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _accumulators(hf_model: nn.Module) -> tuple[Any, ModelShape, dict[str, torch.Tensor]]:
+    """The family, the shape and zeroed float64 per-unit sums on the model's device."""
+    family = get_family(hf_model)
+    source = family.shape(hf_model.config)
+    n_layers = source.num_hidden_layers
+    device = family.embedding(hf_model).weight.device
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+
+    acc = {
+        "layers": zeros(n_layers),
+        "heads": zeros(n_layers, source.num_attention_heads),
+        "intermediate": zeros(n_layers, source.intermediate_size),
+        "hidden": zeros(source.hidden_size),
+        "tokens": zeros(1),
+    }
+    return family, source, acc
+
+
 def collect_importance(
     model: nn.Module,
     batches: Iterable[Any],
@@ -120,23 +140,9 @@ def collect_importance(
         Means over every calibration token of every rank.
     """
     hf_model = model if hf_model is None else hf_model
-    family = get_family(hf_model)
-    source = family.shape(hf_model.config)
-    n_layers, n_heads, head_dim = (
-        source.num_hidden_layers,
-        source.num_attention_heads,
-        source.head_dim,
-    )
-    device = family.embedding(hf_model).weight.device
-    acc = {
-        "layers": torch.zeros(n_layers, dtype=torch.float64, device=device),
-        "heads": torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device),
-        "intermediate": torch.zeros(
-            n_layers, source.intermediate_size, dtype=torch.float64, device=device
-        ),
-        "hidden": torch.zeros(source.hidden_size, dtype=torch.float64, device=device),
-        "tokens": torch.zeros(1, dtype=torch.float64, device=device),
-    }
+    family, source, acc = _accumulators(hf_model)
+    n_heads, head_dim = source.num_attention_heads, source.head_dim
+    device = acc["tokens"].device
     layer_inputs: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -237,24 +243,10 @@ def collect_taylor_importance(
         each layer, not block influence); ``tokens`` counts every rank's calibration tokens.
     """
     hf_model = model if hf_model is None else hf_model
-    family = get_family(hf_model)
-    source = family.shape(hf_model.config)
-    n_layers, n_heads, head_dim = (
-        source.num_hidden_layers,
-        source.num_attention_heads,
-        source.head_dim,
-    )
-    device = family.embedding(hf_model).weight.device
-    acc = {
-        "layers": torch.zeros(n_layers, dtype=torch.float64, device=device),
-        "heads": torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device),
-        "intermediate": torch.zeros(
-            n_layers, source.intermediate_size, dtype=torch.float64, device=device
-        ),
-        "hidden": torch.zeros(source.hidden_size, dtype=torch.float64, device=device),
-        "tokens": torch.zeros(1, dtype=torch.float64, device=device),
-        "batches": torch.zeros(1, dtype=torch.float64, device=device),
-    }
+    family, source, acc = _accumulators(hf_model)
+    n_heads, head_dim = source.num_attention_heads, source.head_dim
+    device = acc["tokens"].device
+    acc["batches"] = torch.zeros_like(acc["tokens"])
     layer_inputs: dict[int, torch.Tensor] = {}
     handles = []
 
