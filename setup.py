@@ -63,6 +63,7 @@ setup(
         "llmfoundry_algorithms": [
             "targeted_pruning=composer_shear.pruning:TargetedPruning",
             "knowledge_distillation=composer_shear.distillation:KnowledgeDistillation",
+            "oneshot_pruning=composer_shear.export.oneshot_job:OneshotPruning",
         ],
         "llmfoundry_callbacks": [
             "dynamic_batch_loading=composer_shear.callbacks.dynamic_batch_loading:DynamicBatchLoading",

@@ -27,6 +27,7 @@ from composer_shear.output_paths import (
     list_remote,
     recover_interrupted,
 )
+from composer_shear.pruning.algorithm import TargetedPruning
 from composer_shear.pruning.masking import find_gated_hf_model, find_gates
 from composer_shear.sharding import full_state_dict, is_sharded
 
@@ -153,7 +154,8 @@ class PrunedHFExport(Callback):
         """Fails fast when there are no gates to export."""
         if find_gated_hf_model(state.model) is None:
             raise RuntimeError(
-                "pruned_hf_export needs the targeted_pruning algorithm in the same run."
+                "pruned_hf_export needs the targeted_pruning (or oneshot_pruning) algorithm in "
+                "the same run."
             )
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -279,8 +281,15 @@ class PrunedHFExport(Callback):
                 hf_model.config, weights, gates.target.config_updates(), binary=gates.binary
             )
         tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
+        # How the units were chosen (learned, or a one-shot job's scores), for the record.
+        info = {
+            key: value
+            for algorithm in state.algorithms
+            if isinstance(algorithm, TargetedPruning)
+            for key, value in algorithm.export_info().items()
+        }
         summary = export_model(
-            hf_model, folder, tokenizer, overwrite=self.overwrite, dtype=self.dtype
+            hf_model, folder, tokenizer, overwrite=self.overwrite, dtype=self.dtype, info=info
         )
         self.exported.append(summary.out_dir)
         log.info("pruned_hf_export:\n%s", summary.describe())

@@ -117,6 +117,7 @@ def export_model(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     source: str | Path | None = None,
+    info: dict[str, Any] | None = None,
 ) -> ExportSummary:
     """Slices a gated Hugging Face model and writes the compact model to ``out_dir``.
 
@@ -128,6 +129,8 @@ def export_model(
         dtype: Dtype of the written weights (default: the model's).
         source: What the model came from (a checkpoint path or URI), for the export record;
             default: the source model the config names.
+        info: Entries that replace or extend the export info (e.g. how the units were
+            chosen, from the algorithm that chose them).
     """
     start = time.perf_counter()
     check_out_dir(out_dir, overwrite)
@@ -135,7 +138,7 @@ def export_model(
     if gates is None:
         raise ExportError("The model carries no pruning gates.")
     plan = plan_pruning(gates)
-    info = _export_info(plan, gates.source)
+    info = {**_export_info(plan, gates.source), **(info or {})}
     # The config of the gated model is the source's: hash it before slicing changes nothing.
     name = getattr(hf_model.config, "_name_or_path", None) or None
     info["provenance"] = provenance(source or name, hf_model.config)
@@ -357,7 +360,8 @@ def load_composer_checkpoint(path: str | Path, trust_checkpoint: bool = False) -
 
 def _pruning_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     for name, value in checkpoint["state"].get("algorithms", []) or []:
-        if name == "TargetedPruning":
+        # oneshot_pruning is targeted_pruning with its gates chosen at FIT_START.
+        if name in ("TargetedPruning", "OneshotPruning"):
             return value
     raise ExportError(
         f"{checkpoint['_path']} has no targeted_pruning state: it was not written by a run "

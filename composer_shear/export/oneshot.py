@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,9 @@ __all__ = [
     "LAYER_SCORES",
     "METHODS",
     "OneshotSummary",
+    "check_method",
     "keep_masks_from_scores",
+    "oneshot_importance",
     "oneshot_plan",
     "parse_target_shape",
     "prune_oneshot",
@@ -129,11 +131,12 @@ def prune_oneshot(
             method's own (see :data:`NATIVE_LAYER_SCORE`).
     """
     model.eval()
-    importance = _importance(model, batches, method, seed, layer_score)
+    importance = oneshot_importance(model, batches, method, seed, layer_score)
     return prune_model(model, plan=oneshot_plan(model, target_shape, importance))
 
 
-def _check_method(method: str, layer_score: str | None) -> None:
+def check_method(method: str, layer_score: str | None) -> None:
+    """Raises ``ValueError`` for an unknown method or layer score, or a layer score of random."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if layer_score is not None:
@@ -143,20 +146,48 @@ def _check_method(method: str, layer_score: str | None) -> None:
             raise ValueError("a layer score applies to activation and taylor, not random")
 
 
-def _importance(
-    model: nn.Module, batches: Any, method: str, seed: int, layer_score: str | None = None
+def oneshot_importance(
+    model: nn.Module,
+    batches: Any,
+    method: str = "activation",
+    seed: int = 0,
+    layer_score: str | None = None,
+    *,
+    forward: Callable[[Any], Any] | None = None,
+    loss: Callable[[Any], torch.Tensor] | None = None,
+    hf_model: nn.Module | None = None,
 ) -> Importance:
-    _check_method(method, layer_score)
+    """The unit scores one-shot pruning ranks by (the CLI and the ``oneshot_pruning`` job).
+
+    Args:
+        model: What runs the batches (a Hugging Face causal LM, or a Composer / FSDP wrapper
+            of one together with ``forward``, ``loss`` and ``hf_model``).
+        batches: Calibration batches (this rank's share in a distributed job: the sums are
+            all-reduced).
+        method: ``activation``, ``taylor`` or ``random``.
+        seed: Seed of ``random``.
+        layer_score: ``block_influence`` or ``taylor``; default the method's own.
+        forward: ``forward(batch)`` for ``activation`` (default: ``model(input_ids=...)``).
+        loss: ``loss(batch)`` for ``taylor`` (default: the causal LM loss of ``model``).
+        hf_model: The Hugging Face model whose modules are hooked (default: ``model``).
+    """
+    check_method(method, layer_score)
+    hf_model = model if hf_model is None else hf_model
     if method == "random":
-        return random_importance(get_family(model).shape(model.config), seed)
+        return random_importance(get_family(hf_model).shape(hf_model.config), seed)
     if batches is None:
         raise ValueError(f"{method} importance needs calibration batches")
-    collect = {"activation": collect_importance, "taylor": collect_taylor_importance}
-    importance = collect[method](model, batches)
+
+    def collect(kind: str) -> Importance:
+        if kind == "activation":
+            return collect_importance(model, batches, forward, hf_model=hf_model)
+        return collect_taylor_importance(model, batches, loss, hf_model=hf_model)
+
+    importance = collect(method)
     if layer_score is not None and layer_score != NATIVE_LAYER_SCORE[method]:
         # The other method's layer ranking: one more pass, only its layer scores are kept.
         other = "activation" if layer_score == "block_influence" else "taylor"
-        importance = replace(importance, layers=collect[other](model, batches).layers)
+        importance = replace(importance, layers=collect(other).layers)
     return importance
 
 
@@ -265,7 +296,7 @@ def prune_oneshot_to_dir(
     if units:
         method, layer_score = "units", None
     else:
-        _check_method(method, layer_score)
+        check_method(method, layer_score)
     if target_params is not None and (target_shape is not None or units):
         raise ValueError("give a target shape, a parameter budget or units, not several")
     if target_shape is None and not units and target_params is None:
@@ -312,7 +343,7 @@ def prune_oneshot_to_dir(
         print(f"calibrating on {len(batches)} batches ({n_tokens:,} tokens)", flush=True)
     search = None
     if record is None:
-        importance = _importance(model, batches, method, seed, layer_score)
+        importance = oneshot_importance(model, batches, method, seed, layer_score)
         if target_params is not None:
             held_out = calibration_batches(
                 data,

@@ -10,7 +10,7 @@ here, at ``AFTER_LOSS``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +54,9 @@ __all__ = [
     "TargetedPruning",
     "add_gate_param_groups",
     "apply_targeted_pruning",
+    "importance_forward",
     "init_gates_from_importance",
+    "rank_calibration_batches",
     "reshape_multiplier_optimizer_state",
     "set_gate_param_group_lrs",
 ]
@@ -203,6 +205,96 @@ def init_gates_from_importance(
         name: min(gate.expected_sparsity().item(), gate.target_sparsity)
         for name, gate in gates.gates.items()
     }
+
+
+def rank_calibration_batches(
+    state: State,
+    data_dir: str | None,
+    tokens: int,
+    seed: int,
+    owner: str,
+    data_key: str,
+    whole_rounds: bool = False,
+) -> list[torch.Tensor]:
+    """This rank's share of the calibration batches of a running job.
+
+    Every rank picks the same batches (:func:`composer_shear.data.calibration.calibration_batches`
+    of ``data_dir``, default the ``multi_domain`` train loader's folder and domains; sequences
+    as long as the train loader's, ``device_train_microbatch_size`` per batch) and keeps every
+    ``world``-th one from its rank on; importance sums are then all-reduced. Every rank must
+    run the same number of forwards (FSDP gathers inside each), so when the count does not
+    divide by the ranks the list is padded cyclically (those batches count twice), unless
+    ``whole_rounds`` rounds the tokens up so that it does.
+
+    Args:
+        state: The Composer state (after the train loader exists).
+        data_dir: A ``DATA/<domain>/train`` MDS folder, or None for the train loader's.
+        tokens: Calibration tokens in all (rounded up to whole batches).
+        seed: Seed of the pick.
+        owner: The algorithm's name, for messages.
+        data_key: The algorithm's key that names ``data_dir``, for messages.
+        whole_rounds: Round ``tokens`` up to whole rounds of one batch per rank.
+    """
+    domains, seq_len = None, None
+    mixer = find_multi_domain_dataset(state.dataloader)
+    if mixer is not None:
+        seq_len = mixer.max_seq_len
+        if data_dir is None:
+            # Each domain reads LOCAL/<domain>/<split>; calibration reads LOCAL's shards
+            # directly (no Streaming state is touched, so training data order is unchanged).
+            data_dir = mixer.local
+            domains = mixer.domains
+    if data_dir is None:
+        raise ValueError(
+            f"{owner}: importance needs calibration data: set algorithms.{owner}.{data_key} to "
+            "a DATA/<domain>/train MDS folder, or use the multi_domain train loader."
+        )
+    if seq_len is None:  # e.g. LLM Foundry's `text` loader: StreamingTextDataset
+        seq_len = getattr(getattr(state.dataloader, "dataset", None), "max_seq_len", None)
+    if seq_len is None:
+        raise ValueError(
+            f"{owner}: cannot tell the train sequence length for calibration; use a train "
+            "loader whose dataset has max_seq_len (multi_domain, text)."
+        )
+    batch_size = int(state.device_train_microbatch_size or 1)
+    world, rank = dist.get_world_size(), dist.get_global_rank()
+    if whole_rounds:
+        per_round = world * batch_size * seq_len
+        tokens = -(-int(tokens) // per_round) * per_round
+    batches = calibration_batches(
+        data_dir,
+        tokens,
+        seq_len,
+        batch_size,
+        domains=domains,
+        seed=seed,
+        tokenizer=getattr(composer_model_of(state.model), "tokenizer", None),
+    )
+    per_rank = -(-len(batches) // world)
+    mine = [batches[(rank + world * i) % len(batches)] for i in range(per_rank)]
+    log.info(
+        "%s: importance on %d x %d tokens per rank (%d batches in all)",
+        owner,
+        len(mine),
+        batch_size * seq_len,
+        len(batches),
+    )
+    return mine
+
+
+def importance_forward(state: State) -> Callable[[torch.Tensor], Any]:
+    """``forward(input_ids)`` of the job's model (any Composer / FSDP wrapper), no logits."""
+
+    def forward(ids: torch.Tensor) -> Any:
+        batch = state.device.batch_to_device(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        )
+        # No (tokens x vocabulary) logits: importance taps the layers and the final norm
+        # only (HuggingFaceModel drops the key for a model whose forward lacks it).
+        batch["logits_to_keep"] = 1
+        return state.model(batch)
+
+    return forward
 
 
 def _warmup_progress(state: State, warmup: Time) -> float:
@@ -607,64 +699,17 @@ class TargetedPruning(Algorithm):
 
     def _init_from_importance(self, state: State, gates: ShearGates) -> None:
         """``init: activation``: measure importance on calibration batches, set the gates."""
-        data_dir, domains, seq_len = self.init_data, None, None
-        mixer = find_multi_domain_dataset(state.dataloader)
-        if mixer is not None:
-            seq_len = mixer.max_seq_len
-            if data_dir is None:
-                # Each domain reads LOCAL/<domain>/<split>; calibration reads LOCAL's shards
-                # directly (no Streaming state is touched, so training data order is unchanged).
-                data_dir = mixer.local
-                domains = mixer.domains
-        if data_dir is None:
-            raise ValueError(
-                "targeted_pruning: init: activation needs calibration data: set "
-                "algorithms.targeted_pruning.init_data to a DATA/<domain>/train MDS folder, or "
-                "use the multi_domain train loader."
-            )
-        if seq_len is None:  # e.g. LLM Foundry's `text` loader: StreamingTextDataset
-            seq_len = getattr(getattr(state.dataloader, "dataset", None), "max_seq_len", None)
-        if seq_len is None:
-            raise ValueError(
-                "targeted_pruning: init: activation cannot tell the train sequence length; "
-                "use a train loader whose dataset has max_seq_len (multi_domain, text)."
-            )
-        batch_size = int(state.device_train_microbatch_size or 1)
-        batches = calibration_batches(
-            data_dir,
-            self.init_tokens,
-            seq_len,
-            batch_size,
-            domains=domains,
-            seed=self.seed,
-            tokenizer=getattr(composer_model_of(state.model), "tokenizer", None),
-        )
-        # Each rank measures its share; sums are all-reduced. Every rank must run the same
-        # number of forwards (FSDP gathers inside each), so the list is padded cyclically.
-        world, rank = dist.get_world_size(), dist.get_global_rank()
-        per_rank = -(-len(batches) // world)
-        mine = [batches[(rank + world * i) % len(batches)] for i in range(per_rank)]
-        log.info(
-            "targeted_pruning: init from activation importance on %d x %d tokens per rank",
-            len(mine),
-            batch_size * seq_len,
+        mine = rank_calibration_batches(
+            state, self.init_data, self.init_tokens, self.seed, "targeted_pruning", "init_data"
         )
         hf_model = hf_causal_lm(state.model, "targeted_pruning")
         was_training = state.model.training
         state.model.eval()
-
-        def forward(ids: torch.Tensor) -> Any:
-            batch = state.device.batch_to_device(
-                {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            )
-            # No (tokens x vocabulary) logits: importance taps the layers and the final norm
-            # only (HuggingFaceModel drops the key for a model whose forward lacks it).
-            batch["logits_to_keep"] = 1
-            return state.model(batch)
-
         try:
             with gates.bypassed():
-                importance = collect_importance(state.model, mine, forward, hf_model=hf_model)
+                importance = collect_importance(
+                    state.model, mine, importance_forward(state), hf_model=hf_model
+                )
         finally:
             state.model.train(was_training)
         with writable_gates(state.model, gates):
@@ -739,6 +784,10 @@ class TargetedPruning(Algorithm):
                 "pruning/landing/target_minus_expected": target - expected,
             }
         )
+
+    def export_info(self) -> dict[str, Any]:
+        """What ``pruned_hf_export`` adds to the export's info (the learned default: nothing)."""
+        return {}
 
     @staticmethod
     def _add_penalty(state: State, gates: ShearGates) -> None:
