@@ -28,6 +28,7 @@ from tqdm import tqdm
 __all__ = [
     "ModelPathError",
     "UsageError",
+    "device_name",
     "fraction",
     "model_path",
     "positive_int",
@@ -36,6 +37,8 @@ __all__ = [
 
 # The hub's repo id form: ``name`` or ``owner/name`` of word characters, dots and dashes.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+# What `--device` accepts: the torch devices a command can load a model onto.
+_DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 class UsageError(ValueError):
@@ -55,6 +58,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type``: a device to run a model on (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+
+    Checked by form only (no torch import: the CLI starts fast); whether the machine has it
+    is the command's business.
+    """
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"not a device: {text!r} (cpu, cuda, cuda:N, mps, xpu, xpu:N)"
+        )
+    return text
 
 
 def fraction(text: str) -> float:

@@ -7,12 +7,15 @@ import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from composer_shear.cli import main
 from composer_shear.export.oneshot import (
     oneshot_plan,
     parse_target_shape,
     prune_oneshot,
+    prune_oneshot_to_dir,
 )
 from composer_shear.export.surgery import prune_model
 from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
@@ -20,7 +23,7 @@ from composer_shear.families import get_family
 from composer_shear.pruning.importance import collect_importance, random_importance
 from composer_shear.shape import ModelShape, ShapeError
 from tests.pruning_helpers import REPO, VENV_BIN
-from tests.tiny_models import FAMILIES, prunable_dims, tiny_model
+from tests.tiny_models import FAMILIES, prunable_dims, save_tiny_checkpoint, tiny_model
 
 LAYER, NEURON, CHANNEL = 2, 5, 7
 
@@ -307,3 +310,54 @@ def test_cli_prunes_smollm2_at_target(smollm2_dir, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 1 and "larger than the source" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture
+def corrupt_weights_dir(tiny_tokenizer_dir, tmp_path):
+    """A tiny model directory whose config is fine and whose weights file is garbage."""
+    out = save_tiny_checkpoint(tiny_model("llama_gqa"), tiny_tokenizer_dir, tmp_path / "model")
+    (out / "model.safetensors").write_bytes(b"not a safetensors file" * 64)
+    return out
+
+
+def test_target_is_checked_before_any_weight_loads(corrupt_weights_dir, tmp_path, capsys):
+    source = corrupt_weights_dir
+    with pytest.raises(ShapeError, match="larger than the source"):
+        prune_oneshot_to_dir(source, tmp_path / "a", {"hidden_size": 4096}, method="random")
+    with pytest.raises(ShapeError, match="no shape of this source fits"):
+        prune_oneshot_to_dir(source, tmp_path / "b", target_params=1000, data=tmp_path)
+    # The command line says the same (exit 1, the target's message, nothing written).
+    code = main(["prune-oneshot", str(source), str(tmp_path / "c"), "--method", "random",
+                 "--target-shape", "hidden_size=4096"])  # fmt: skip
+    assert code == 1 and "larger than the source" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abc")
+    # Not vacuous: a valid target does reach the weights, and they are what fails.
+    with pytest.raises(Exception, match=r"(?i)safetensors|header|deserializ") as error:
+        prune_oneshot_to_dir(source, tmp_path / "d", {"intermediate_size": 48}, method="random")
+    assert not isinstance(error.value, ShapeError)
+
+
+def test_dtype_and_device_options(tiny_tokenizer_dir, tmp_path, capsys):
+    source = save_tiny_checkpoint(tiny_model("llama_gqa"), tiny_tokenizer_dir, tmp_path / "src")
+    target = {"intermediate_size": 48, "num_hidden_layers": 3}
+    full = prune_oneshot_to_dir(source, tmp_path / "fp32", target, method="random", seed=4)
+    half = prune_oneshot_to_dir(
+        source, tmp_path / "bf16", target, method="random", seed=4, device="cpu", dtype="bfloat16"
+    )
+    assert read_kept_units(half.out_dir)["kept"] == read_kept_units(full.out_dir)["kept"]
+    assert json.loads((half.out_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    a, b = (
+        load_file(full.out_dir / "model.safetensors"),
+        load_file(half.out_dir / "model.safetensors"),
+    )
+    assert sorted(a) == sorted(b)
+    for name, value in b.items():  # the source's weights in bfloat16, cut at the same units
+        assert value.dtype == torch.bfloat16 and torch.equal(value, a[name].to(torch.bfloat16))
+    with pytest.raises(SystemExit) as usage:
+        main(["prune-oneshot", str(source), str(tmp_path / "x"), "--method", "random",
+              "--target-shape", "intermediate_size=48", "--device", "gpu0"])  # fmt: skip
+    assert usage.value.code == 2 and "not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        code = main(["prune-oneshot", str(source), str(tmp_path / "y"), "--method", "random",
+                     "--target-shape", "intermediate_size=48", "--device", "cuda"])  # fmt: skip
+        assert code == 1 and "CUDA is not available" in capsys.readouterr().err

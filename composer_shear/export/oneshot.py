@@ -37,20 +37,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from composer_shear.data.calibration import calibration_batches
 from composer_shear.export.search import TABLE_HEADER, candidate_shapes, search_shape
 from composer_shear.export.surgery import PruningPlan, plan_from_masks, prune_model
 from composer_shear.export.units import kept_units_record, read_kept_units, units_plan
 from composer_shear.export.writer import (
+    DTYPES,
     ExportError,
     check_out_dir,
     provenance,
     write_hf_directory,
 )
 from composer_shear.families import get_family
-from composer_shear.interface import UsageError, model_path, positive_int
+from composer_shear.interface import UsageError, device_name, model_path, positive_int
 from composer_shear.pruning.gates import top_k_mask
 from composer_shear.pruning.importance import (
     Importance,
@@ -259,6 +260,8 @@ def prune_oneshot_to_dir(
     overwrite: bool = False,
     target_params: int | None = None,
     non_embedding: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> OneshotSummary:
     """The one-shot pipeline: load a HF model, cut it, write the compact HF directory.
 
@@ -285,6 +288,13 @@ def prune_oneshot_to_dir(
             are scored by the loss of their cut on the data's eval split
             (:func:`composer_shear.export.search.search_shape`) and the best is cut.
         non_embedding: ``target_params`` counts non-embedding parameters.
+        device: Where the model runs (``cpu``, ``cuda``, ``cuda:1``); the cut is written from
+            the CPU.
+        dtype: Dtype the weights are loaded, scored and written in (``float32``,
+            ``bfloat16``, ``float16``); importance sums are float64 whatever it is.
+
+    The target (shape, budget or units record) is checked against the source's config
+    before any weight is read, so a wrong target fails in seconds whatever the model's size.
 
     Raises:
         ShapeError: Bad target, or a ``units`` record that does not fit ``source``.
@@ -307,16 +317,19 @@ def prune_oneshot_to_dir(
         raise ValueError(f"a parameter budget needs a calibrated method, not {method}")
     if calibrated and data is None:
         raise ValueError(f"calibration data (--data) is required for method {method}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    run_on = torch.device(device)
+    if run_on.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine")
     record = read_kept_units(units) if units else None
     source = model_path(source)  # a missing directory: a clear error, not a hub-id error
-    print(f"loading {source}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model.eval()
-    source_shape = get_family(model).shape(model.config)
-    source_record = provenance(source, model.config)  # before any cut touches the config
+    # The target is checked against the config alone: no weight is read (or downloaded) for
+    # a target that cannot be cut.
+    config = AutoConfig.from_pretrained(source)
+    source_shape = get_family(config).shape(config)
     if record is not None:
-        plan = units_plan(model, record)
+        plan = units_plan(config, record)
         if target_shape is not None and source_shape.resolve_target(dict(target_shape)) != (
             plan.target
         ):
@@ -325,9 +338,14 @@ def prune_oneshot_to_dir(
                 f"record ({plan.target.describe()})"
             )
     elif target_shape is not None:
-        source_shape.resolve_target(dict(target_shape))  # a bad target fails before calibration
+        source_shape.resolve_target(dict(target_shape))
     else:
         candidate_shapes(source_shape, target_params, non_embedding)  # a budget too small fails
+    print(f"loading {source} ({dtype}, {run_on})", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=DTYPES[dtype]).to(run_on)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.eval()
+    source_record = provenance(source, model.config)  # before any cut touches the config
     batches = None
     if calibrated:
         batches = calibration_batches(
@@ -369,7 +387,7 @@ def prune_oneshot_to_dir(
                 print(candidate.row())
             target_shape = winner.shape.config_updates()
         plan = oneshot_plan(model, target_shape, importance)
-    compact = prune_model(model, plan=plan)
+    compact = prune_model(model, plan=plan).cpu()
     n_tokens = 0 if batches is None else sum(b.numel() for b in batches)
     info = {
         "method": f"oneshot-{method}",
@@ -379,6 +397,7 @@ def prune_oneshot_to_dir(
         "target_num_params": plan.target.num_params(),
         "calibration_tokens": n_tokens,
         "seed": seed,
+        "dtype": dtype,
     }
     if calibrated:
         info["layer_score"] = layer_score or NATIVE_LAYER_SCORE[method]
@@ -437,6 +456,8 @@ def _run_cli(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             target_params=None if args.target_params is None else int(args.target_params),
             non_embedding=args.non_embedding,
+            device=args.device,
+            dtype=args.dtype,
         )
     except (ShapeError, ValueError, FileNotFoundError, ExportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -533,6 +554,20 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="seed of the calibration pick and of random",
+    )
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="where the model runs for calibration and the cut (cpu, cuda, cuda:1); the "
+        "output is written from the CPU",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="dtype the weights are loaded, scored and written in (bfloat16 halves the memory "
+        "of a large source; importance sums stay float64)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     parser.set_defaults(func=_run_cli)

@@ -148,7 +148,9 @@ def candidate_shapes(
 def cut_loss(compact: nn.Module, batches: Sequence[Any]) -> float:
     """Mean LM loss of a cut model on ``batches`` (``input_ids`` tensors)."""
     compact.eval()
-    losses = [float(compact(input_ids=b, labels=b).loss) for b in batches]
+    device = next(compact.parameters()).device
+    with torch.no_grad():
+        losses = [float(compact(input_ids=b.to(device), labels=b.to(device)).loss) for b in batches]
     return sum(losses) / len(losses)
 
 

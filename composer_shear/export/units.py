@@ -204,14 +204,15 @@ def units_plan(model: nn.Module, record: Mapping[str, Any]) -> PruningPlan:
     """The plan that keeps exactly the units of a kept-units record (another run's choice).
 
     Args:
-        model: The source model to cut (same shape as the record's source).
+        model: The source model to cut (same shape as the record's source), or its config.
         record: A ``composer_shear_kept_units.json`` record
             (:func:`composer_shear.export.checkpoint.read_kept_units`).
 
     Raises:
         ShapeError: The record comes from a source of another shape, or is inconsistent.
     """
-    source = get_family(model).shape(model.config)
+    config = getattr(model, "config", model)
+    source = get_family(config).shape(config)
     if record["source_shape"] != source.config_updates():
         raise ShapeError(
             f"the kept units come from a source of shape {record['source_shape']}, not this "
