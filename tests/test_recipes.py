@@ -41,6 +41,7 @@ FOLDER_FIXTURES = {
 }
 OUR_COMPONENTS = {
     "targeted_pruning",
+    "oneshot_pruning",
     "knowledge_distillation",
     "dynamic_batch_loading",
     "pruned_hf_export",
@@ -87,6 +88,10 @@ class Recipe:
     @property
     def pruning(self) -> dict[str, Any] | None:
         return (self.cfg.get("algorithms") or {}).get("targeted_pruning")
+
+    @property
+    def oneshot(self) -> dict[str, Any] | None:
+        return (self.cfg.get("algorithms") or {}).get("oneshot_pruning")
 
     @property
     def distillation(self) -> dict[str, Any] | None:
@@ -190,9 +195,11 @@ def source_shape(fixture: str) -> ModelShape:
 
 
 def recipe_target(recipe: Recipe) -> dict[str, int] | None:
-    """The pruning target (or, for CPT, ``variables.pruned_shape``); None if neither."""
+    """The pruning target (one-shot, or for CPT ``variables.pruned_shape``); None if none."""
     if recipe.pruning is not None:
         return recipe.pruning["target_shape"]
+    if recipe.oneshot is not None:
+        return recipe.oneshot["target_shape"]
     return recipe.variables.get("pruned_shape")
 
 
@@ -235,11 +242,13 @@ def check_components(recipe: Recipe) -> None:
     from composer_shear.callbacks.dynamic_batch_loading import DynamicBatchLoading
     from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
     from composer_shear.distillation.algorithm import KnowledgeDistillation
+    from composer_shear.export.oneshot_job import OneshotPruning
     from composer_shear.pruning.algorithm import TargetedPruning
 
     cfg = recipe.cfg
     ours = {
         "targeted_pruning": TargetedPruning,
+        "oneshot_pruning": OneshotPruning,
         "knowledge_distillation": KnowledgeDistillation,
         "dynamic_batch_loading": DynamicBatchLoading,
         "pruned_hf_export": PrunedHFExport,
@@ -289,7 +298,7 @@ def check_components(recipe: Recipe) -> None:
     mixed = cfg["model"].get("init_device") == "mixed"
     if mixed and not (fsdp and fsdp.get("sync_module_states")):
         raise RecipeError(f"{recipe.name}: init_device mixed needs sync_module_states")
-    if recipe.pruning is not None and fsdp is not None:
+    if (recipe.pruning is not None or recipe.oneshot is not None) and fsdp is not None:
         if fsdp.get("state_dict_type", "full") != "full":
             raise RecipeError(f"{recipe.name}: pruning checkpoints must be full for export")
         if not fsdp.get("use_orig_params", True):
@@ -302,6 +311,7 @@ def check_registry_names() -> None:
 
     assert registry.algorithms.get("targeted_pruning").__name__ == "TargetedPruning"
     assert registry.algorithms.get("knowledge_distillation").__name__ == "KnowledgeDistillation"
+    assert registry.algorithms.get("oneshot_pruning").__name__ == "OneshotPruning"
     assert registry.callbacks.get("dynamic_batch_loading").__name__ == "DynamicBatchLoading"
     assert registry.callbacks.get("pruned_hf_export").__name__ == "PrunedHFExport"
     assert callable(registry.dataloaders.get("multi_domain"))
@@ -465,7 +475,7 @@ def check_gate_precision(recipe: Recipe) -> None:
     ``targeted_pruning`` refuses anything else at INIT; this catches it before a launch.
     """
     fsdp = recipe.cfg.get("fsdp_config")
-    if recipe.pruning is None or not fsdp:
+    if (recipe.pruning is None and recipe.oneshot is None) or not fsdp:
         return
     setting = fsdp.get("mixed_precision", "DEFAULT")
     _, param_dtype, _, _ = get_mixed_precision(recipe.cfg["precision"], setting)
@@ -473,6 +483,18 @@ def check_gate_precision(recipe: Recipe) -> None:
         raise RecipeError(
             f"{recipe.name}: mixed_precision {setting} puts the gates in {param_dtype}"
         )
+
+
+def check_oneshot(recipe: Recipe) -> None:
+    """A one-shot job trains nothing: one batch, and the export writes the cut."""
+    if recipe.oneshot is None:
+        return
+    if recipe.pruning is not None:
+        raise RecipeError(f"{recipe.name}: oneshot_pruning and targeted_pruning in one run")
+    if str(recipe.cfg["max_duration"]) != "1ba":
+        raise RecipeError(f"{recipe.name}: a one-shot job runs max_duration: 1ba")
+    if "pruned_hf_export" not in recipe.callbacks:
+        raise RecipeError(f"{recipe.name}: a one-shot job needs pruned_hf_export to write the cut")
 
 
 CHECKS = (
@@ -484,6 +506,7 @@ CHECKS = (
     check_distillation,
     check_landing,
     check_gate_precision,
+    check_oneshot,
 )
 
 # ------------------------------------------------------------------------------------- tests
@@ -496,6 +519,8 @@ def test_recipes_exist():
     assert {"llama2-7b", "llama3.1-8b", "mistral-7b", "qwen2-7b"} <= folders
     pruning = [p for p in RECIPES if load_recipe(p).pruning is not None]
     assert len(pruning) >= 5
+    oneshot = {p.relative_to(YAML_ROOT).as_posix() for p in RECIPES if load_recipe(p).oneshot}
+    assert {"llama3.1-8b/oneshot_3b.yaml", "smollm2/oneshot.yaml"} <= oneshot
 
 
 def test_registry_names():
@@ -556,6 +581,32 @@ def _mutated(edit) -> Recipe:
         cfg=OmegaConf.to_container(raw, resolve=True),
         filled=[],
     )
+
+
+ONESHOT = YAML_ROOT / "llama3.1-8b" / "oneshot_3b.yaml"
+
+
+@pytest.mark.parametrize(
+    ("edit", "check", "message"),
+    [
+        (lambda r: r.__setitem__("max_duration", "10ba"), check_oneshot, "1ba"),
+        (lambda r: r.callbacks.pop("pruned_hf_export"), check_oneshot, "pruned_hf_export"),
+        (lambda r: r.fsdp_config.__setitem__("mixed_precision", "DEFAULT"), check_gate_precision,
+         "puts the gates in torch.bfloat16"),
+        (lambda r: r.algorithms.oneshot_pruning.__setitem__("method", "magnitude"),
+         check_components, "method must be one of"),
+        (lambda r: r.algorithms.oneshot_pruning.target_shape.__setitem__("hidden_size", 8192),
+         check_target_shape, "larger than the source"),
+    ],
+    ids=["trains", "no-export", "bf16-gates", "bad-method", "target-larger"],
+)  # fmt: skip
+def test_broken_oneshot_recipe_is_caught(edit, check, message):
+    recipe = load_recipe(ONESHOT)
+    raw = copy.deepcopy(recipe.raw)
+    edit(raw)
+    broken = Recipe(ONESHOT, recipe.header, raw, OmegaConf.to_container(raw, resolve=True), [])
+    with pytest.raises((RecipeError, ValueError), match=message):
+        check(broken)
 
 
 def test_base_recipe_passes():
