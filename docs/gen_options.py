@@ -29,6 +29,7 @@ from composer_shear.cli import build_parser
 from composer_shear.data import builder
 from composer_shear.data.mixer import MultiDomainDataset
 from composer_shear.distillation import KnowledgeDistillation
+from composer_shear.export.oneshot_job import OneshotPruning
 from composer_shear.pruning import TargetedPruning
 from composer_shear.report.metrics import JSONLMetricsLogger
 from composer_shear.shape import TARGET_KEYS
@@ -265,6 +266,14 @@ def render() -> str:
         "`kv_heads`, `heads`, `intermediate`, `hidden`), `pruning/expected_num_params`, "
         "`pruning/target_num_params`, `pruning/penalty`, `pruning/hardened` and "
         "`loss/train/{lm,lagrangian,total}`.",
+    )
+    out += component(
+        "`algorithms: oneshot_pruning`",
+        OneshotPruning,
+        options_of(OneshotPruning),
+        "`target_shape` as for `targeted_pruning`. A one-shot job: every weight frozen at "
+        "`INIT`, the cut chosen and the gates hardened at `FIT_START`, `max_duration: 1ba`, "
+        "`pruned_hf_export` writes the cut ([recipes.md](recipes.md)).",
     )
     out += component(
         "`algorithms: knowledge_distillation`",

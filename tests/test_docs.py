@@ -24,6 +24,7 @@ from composer_shear.callbacks.dynamic_batch_loading import DynamicBatchLoading
 from composer_shear.callbacks.pruned_hf_export import PrunedHFExport
 from composer_shear.data import builder
 from composer_shear.distillation import KnowledgeDistillation
+from composer_shear.export.oneshot_job import OneshotPruning
 from composer_shear.pruning import TargetedPruning
 from composer_shear.report.metrics import JSONLMetricsLogger
 
@@ -33,6 +34,7 @@ PAGES = [REPO / "README.md", REPO / "yamls" / "README.md", *sorted(DOCS.glob("*.
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 COMPONENTS = {
     ("algorithms", "targeted_pruning"): TargetedPruning,
+    ("algorithms", "oneshot_pruning"): OneshotPruning,
     ("algorithms", "knowledge_distillation"): KnowledgeDistillation,
     ("callbacks", "dynamic_batch_loading"): DynamicBatchLoading,
     ("callbacks", "pruned_hf_export"): PrunedHFExport,
