@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 __all__ = [
+    "DTYPE_NAMES",
     "ModelPathError",
     "UsageError",
     "device_name",
@@ -37,6 +38,8 @@ __all__ = [
 
 # The hub's repo id form: ``name`` or ``owner/name`` of word characters, dots and dashes.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+# The weight dtypes commands load and write (`--dtype`, export `precision`), by torch's names.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # What `--device` accepts: the torch devices a command can load a model onto.
 _DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
 

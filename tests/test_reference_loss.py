@@ -132,6 +132,22 @@ def test_evaluate_matches_direct_hf(tiny_domain_data, tiny_tokenizer_dir, tmp_pa
     assert capped["alpha"] == pytest.approx(_direct_loss(model, samples["alpha"][:2], 20))
 
 
+def test_evaluate_in_bfloat16(tiny_domain_data, tiny_tokenizer_dir, tmp_path):
+    """``dtype``: the weights load in bfloat16; the loss is the bfloat16 model's, near fp32's."""
+    root, samples = tiny_domain_data
+    model = tiny_model("llama_gqa")
+    model_dir = save_tiny_checkpoint(model, tiny_tokenizer_dir, tmp_path / "model")
+    full = evaluate_domain_losses(model_dir, root, max_seq_len=20, batch_size=2)
+    half = evaluate_domain_losses(model_dir, root, max_seq_len=20, batch_size=2, dtype="bfloat16")
+    bf16 = model.to(torch.bfloat16)
+    for domain, value in half.items():
+        assert value != full[domain]  # not silently fp32
+        assert value == pytest.approx(_direct_loss(bf16, samples[domain], 20), rel=1e-3)
+        assert value == pytest.approx(full[domain], rel=2e-2)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        evaluate_domain_losses(model_dir, root, dtype="int8")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -33,7 +33,14 @@ import numpy as np
 
 from composer_shear.data.calibration import read_mds_token_samples
 from composer_shear.data.identity import check_split_tokenizer, read_split_meta
-from composer_shear.interface import UsageError, model_path, positive_int, progress
+from composer_shear.interface import (
+    DTYPE_NAMES,
+    UsageError,
+    device_name,
+    model_path,
+    positive_int,
+    progress,
+)
 from composer_shear.output_paths import (
     OutputPathError,
     check_output_file,
@@ -106,6 +113,7 @@ def evaluate_domain_losses(
     max_samples: int | None = None,
     device: str = "cpu",
     model: Any | None = None,
+    dtype: str = "float32",
 ) -> dict[str, float]:
     """Mean per-token cross-entropy of a Hugging Face causal LM on each domain's eval split.
 
@@ -123,6 +131,8 @@ def evaluate_domain_losses(
         max_samples: evaluate at most this many samples per domain.
         device: torch device.
         model: an already loaded model to use instead of loading ``model_dir``.
+        dtype: dtype ``model_dir``'s weights are loaded in (``float32``, ``bfloat16``,
+            ``float16``); the cross-entropy is computed in float32 from the logits either way.
 
     Returns:
         ``{domain: loss}`` in the order of ``domains``.
@@ -136,6 +146,8 @@ def evaluate_domain_losses(
     if domains is not None:
         _check_domains(domains, available, f"{data_dir} (<domain>/eval splits)")
     domains = list(domains) if domains is not None else available
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {dtype!r}")
     if model is None:
         model_dir = model_path(model_dir)  # a missing directory: a clear error, before loading
     tokenizer = None
@@ -144,7 +156,7 @@ def evaluate_domain_losses(
     except (OSError, ValueError):
         tokenizer = None  # Token-id shards do not need one.
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype))
     model = model.to(device).eval()
     pad_id = 0
     if tokenizer is not None and tokenizer.pad_token_id is not None:
@@ -364,6 +376,7 @@ def _run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 max_samples=args.max_samples,
                 device=args.device,
+                dtype=args.dtype,
             )
     except (OSError, ValueError, RuntimeError) as error:
         # OSError covers a missing file or model (interface.ModelPathError); ValueError a
@@ -427,7 +440,17 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="eval samples per domain (default: all)",
     )
     parser.add_argument(
-        "--device", default="cpu", help="torch device of the evaluation (cuda, cpu)"
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="torch device of the evaluation (cpu, cuda, cuda:1)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="float32",
+        help="dtype the model's weights are loaded in (bfloat16 halves a large model's memory; "
+        "the loss is computed in float32 from the logits)",
     )
     parser.add_argument("--fit", help="YAML/JSON with `sizes: [...]` and `losses: {domain: [...]}`")
     parser.add_argument(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from composer_shear.export.units import write_kept_units
-from composer_shear.interface import progress
+from composer_shear.interface import DTYPE_NAMES, progress
 from composer_shear.output_paths import (
     EXPORT_RECORD,
     OutputPathError,
@@ -62,7 +62,7 @@ RECORDED_PACKAGES = ("composer_shear", "torch", "transformers", "mosaicml", "llm
 
 MAX_SHARD_SIZE = "2GB"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class ExportError(RuntimeError):
