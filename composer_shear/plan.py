@@ -296,11 +296,15 @@ def plan_job(
         raise PlanError("gpus must be >= 1 and mfu in (0, 1]")
     source = get_family(source_config).shape(source_config)
     pruning = _get(cfg, "algorithms.targeted_pruning")
+    # A one-shot job is mask-only pruning of the source: frozen weights, gates, one batch.
+    oneshot = _get(cfg, "algorithms.oneshot_pruning")
+    if pruning is None and oneshot is not None:
+        pruning = oneshot
     kd = _get(cfg, "algorithms.knowledge_distillation")
     target = model = None
     try:
         if pruning is not None:
-            kind, model = "prune", source
+            kind, model = ("oneshot" if oneshot is pruning else "prune"), source
             target = source.resolve_target(pruning.get("target_shape") or {})
         else:
             kind = "cpt"
@@ -320,7 +324,7 @@ def plan_job(
     fsdp = _get(cfg, "fsdp_config")
     checkpointing = bool((fsdp or {}).get("activation_checkpointing", False))
     shard = _shard_factor(fsdp, gpus)
-    frozen = bool((pruning or {}).get("freeze_weights", False))
+    frozen = oneshot is pruning or bool((pruning or {}).get("freeze_weights", False))
     optimizer = str(_get(cfg, "optimizer.name", "decoupled_adamw"))
     state_bytes = OPTIMIZER_STATE_BYTES.get(optimizer, 8)
 

@@ -103,6 +103,17 @@ def test_cpt_recipe_plans_the_pruned_shape():
     assert not any("gates" in line.what for line in plan.memory)
 
 
+def test_oneshot_recipe_plans_the_frozen_source():
+    cfg = load_yaml(REPO / "yamls" / "llama3.1-8b" / "oneshot_3b.yaml")
+    plan = plan_job(cfg, read_config(FIXTURES / "Llama-3.1-8B.json"), gpus=8)
+    assert plan.kind == "oneshot" and plan.steps == 1
+    assert plan.model["params"] == 8_030_261_248 and plan.target["params"] == 3_606_752_256
+    lines = {line.what: line for line in plan.memory}
+    assert lines["gradients (fp32)"].gib == 0 and "frozen" in lines["gradients (fp32)"].note
+    assert lines["optimizer state (decoupled_adamw)"].gib == 0
+    assert lines["master weights (fp32)"].gib == pytest.approx(4 * 8_030_261_248 / 8 / 2**30)
+
+
 def test_kd_recipe_counts_the_teacher():
     cfg = load_yaml(REPO / "yamls" / "llama2-7b" / "prune_2.7b_kd.yaml")
     with_kd = plan_job(cfg, read_config(LLAMA2))
