@@ -17,6 +17,7 @@ from llmfoundry.registry import algorithms
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from composer_shear.export.checkpoint import export_checkpoint
 from composer_shear.export.oneshot import prune_oneshot_to_dir
 from composer_shear.export.oneshot_job import OneshotPruning
 from composer_shear.export.units import read_kept_units
@@ -102,6 +103,9 @@ def test_one_process_job_cuts_what_the_cli_cuts(method, tiny_tokenizer_dir, tmp_
         f"callbacks.pruned_hf_export.save_folder={export}",
         # Decoupled weight decay would shrink every weight the optimizer stepped.
         "optimizer.weight_decay=0.1",
+        f"save_folder={tmp_path}/ckpt",
+        "save_interval=1ba",
+        "save_filename=final.pt",
     )
     try:
         state = trainer.state
@@ -127,6 +131,9 @@ def test_one_process_job_cuts_what_the_cli_cuts(method, tiny_tokenizer_dir, tmp_
     assert info["method"] == f"oneshot-{method} (oneshot_pruning)"
     assert info["calibration_tokens"] == TOKENS
     assert_same_cut(export, cli_cut(model_dir, data_dir, tmp_path / "cli", method))
+    # The job's checkpoint exports to the same model (`composer-shear export`).
+    export_checkpoint(tmp_path / "ckpt" / "final.pt", tmp_path / "from_ckpt")
+    assert_same_cut(tmp_path / "from_ckpt", export)
 
 
 FSDP_SCRIPT = r"""
