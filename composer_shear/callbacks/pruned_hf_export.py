@@ -61,10 +61,11 @@ class PrunedHFExport(Callback):
     slicing and the write run on rank 0 alone and take about the written bytes over the disk
     speed: in bf16 a 2.7B export (pruned from 7B) is ~5.4 GB and a 7B-sized one ~14 GB, 1-3
     minutes to a local NVMe disk, 5-15 minutes to a shared filesystem at 20-50 MB/s; a
-    70B-sized one ~10 times that. Meanwhile the other ranks wait on a separate gloo process group created at ``INIT``
-    with ``export_timeout`` seconds, never in a collective of the default group, and every
-    rank returns to training (or to Composer's own end-of-run collectives) together once
-    rank 0 is done. The same holds for periodic exports and the rescue checkpoint.
+    70B-sized one ~10 times that. Meanwhile the other ranks wait on a separate gloo process
+    group created at ``INIT`` with ``export_timeout`` seconds, never in a collective of the
+    default group, and every rank returns to training (or to Composer's own end-of-run
+    collectives) together once rank 0 is done. The same holds for periodic exports and the
+    rescue checkpoint.
 
     The export folders are checked at ``Event.INIT`` (creatable, writable; an existing
     non-empty folder is replaced only if it is an earlier export of ours and ``overwrite`` is
