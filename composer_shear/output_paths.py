@@ -41,6 +41,7 @@ __all__ = [
     "check_remote_output",
     "check_replaceable",
     "delete_remote",
+    "discard_staged",
     "download_dir",
     "download_file",
     "is_inside",
@@ -49,9 +50,12 @@ __all__ = [
     "list_remote",
     "not_ours_message",
     "object_store_of",
+    "publish_staged",
     "recover_interrupted",
     "recover_remote",
+    "remote_stage",
     "replace_dir",
+    "run_marker_text",
     "staging_dir",
     "upload_dir",
     "write_run_marker",
@@ -160,13 +164,18 @@ def is_ours(path: str | os.PathLike) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in OWNERSHIP_FILES)
 
 
+def run_marker_text(what: str) -> str:
+    """The content of a run marker (``what``: the command that wrote the folder)."""
+    record = {"written_by": "composer_shear", "what": what, "pid": os.getpid()}
+    return json.dumps(record) + "\n"
+
+
 def write_run_marker(folder: str | os.PathLike, what: str) -> None:
     """Marks ``folder`` as written by composer_shear (``what``: the command).
 
     A later ``--overwrite`` may then replace it; see :func:`check_replaceable`.
     """
-    record = {"written_by": "composer_shear", "what": what, "pid": os.getpid()}
-    (Path(folder) / RUN_MARKER).write_text(json.dumps(record) + "\n")
+    (Path(folder) / RUN_MARKER).write_text(run_marker_text(what))
 
 
 def not_ours_message(path: str | os.PathLike, key: str) -> str:
@@ -379,36 +388,71 @@ def _ownership_last(names: list[str]) -> list[str]:
 def upload_dir(local_dir: str | os.PathLike, uri: str, key: str) -> None:
     """Publishes every file of ``local_dir`` under the folder ``uri``, replacing ours there.
 
-    On S3 the new version is uploaded whole to a staging sibling (``.NAME.tmp-*``, its
-    manifest last) and then copied into ``uri`` server-side (:func:`_publish`): the folder's
-    export record and run marker are removed before any of its objects changes and written
-    after all of them, so a folder holding the record is always complete, and a kill leaves
-    either the previous version untouched (killed while staging) or a complete staged copy
-    that :func:`recover_remote` publishes (killed while copying). Objects of the previous
-    version that the new one lacks are deleted at the end (the folder was checked to be
-    ours). Stores we cannot copy and delete in get the files directly, ownership files last.
+    On S3 the new version is uploaded whole to a staging sibling (:func:`remote_stage`) and
+    then copied into ``uri`` server-side (:func:`publish_staged`): the folder's export record
+    and run marker are removed before any of its objects changes and written after all of
+    them, so a folder holding the record is always complete, and a kill leaves either the
+    previous version untouched (killed while staging) or a complete staged copy that
+    :func:`recover_remote` publishes (killed while copying). Objects of the previous version
+    that the new one lacks are deleted at the end (the folder was checked to be ours).
+    Stores we cannot copy and delete in get the files directly, ownership files last.
     """
-    store, prefix = object_store_of(uri, key)
     local_dir = Path(local_dir)
     files = {p.relative_to(local_dir).as_posix(): p for p in local_dir.rglob("*") if p.is_file()}
-    names = _ownership_last(list(files))
-    client, _ = _deleting_client(store)
+    staged = remote_stage(uri, key)
+    store, staged_prefix = object_store_of(staged, key)
     try:
-        if client is None:
-            for name in names:
-                store.upload_object(f"{prefix}/{name}", str(files[name]))
-            return
-        staged = _sibling_uri(uri, _staging_name(prefix.rsplit("/", 1)[-1]))
-        _, staged_prefix = object_store_of(staged, key)
-        for name in names:
+        for name in _ownership_last(list(files)):
             store.upload_object(f"{staged_prefix}/{name}", str(files[name]))
+    except Exception as error:  # cloud SDK errors, reported with the key
+        raise OutputPathError(f"{key}: cannot upload to {uri}: {error}") from error
+    publish_staged(staged, uri, key)
+
+
+def remote_stage(uri: str, key: str) -> str:
+    """Where to upload a new version of the object-store folder ``uri``.
+
+    A fresh staging sibling ``.NAME.tmp-HOST-PID-*`` on S3, to be published with
+    :func:`publish_staged`; ``uri`` itself on stores we cannot copy and delete in (upload
+    the ownership files last there).
+    """
+    store, prefix = object_store_of(uri, key)
+    if _deleting_client(store)[0] is None:
+        return uri
+    if not prefix:
+        raise OutputPathError(f"{key}: {uri}: give a folder inside the bucket, not its root.")
+    return _sibling_uri(uri, _staging_name(prefix.rsplit("/", 1)[-1]))
+
+
+def publish_staged(staged: str, uri: str, key: str) -> None:
+    """Publishes the folder ``staged`` (from :func:`remote_stage`, fully uploaded) to ``uri``.
+
+    Writes the staged manifest (the staged copy is complete), then :func:`_publish`. Nothing
+    to do when ``staged`` is ``uri`` (a store without copy and delete).
+    """
+    if staged == uri:
+        return
+    store, staged_prefix = object_store_of(staged, key)
+    names = _ownership_last(list_remote(staged, key))
+    try:
         manifest = {"files": names, "target": uri, "time": time.time()}
         _put_text(store, f"{staged_prefix}/{STAGED_MANIFEST}", json.dumps(manifest))
-    except OutputPathError:
-        raise
     except Exception as error:  # cloud SDK errors, reported with the key
         raise OutputPathError(f"{key}: cannot upload to {uri}: {error}") from error
     _publish(staged, uri, names, key)
+
+
+def discard_staged(staged: str, uri: str, key: str) -> None:
+    """Deletes the staged copy of a failed upload to ``uri``.
+
+    Best effort: a copy left behind is removed by the next :func:`recover_remote`.
+    """
+    if staged == uri:
+        return
+    try:
+        delete_remote(staged, list_remote(staged, key), key)
+    except OutputPathError as error:
+        log.warning("could not remove %s: %s", staged, error)
 
 
 def _put_text(store: ObjectStore, name: str, text: str) -> None:
@@ -568,11 +612,8 @@ def write_text_output(target: str | os.PathLike, text: str, key: str) -> str | P
         path.write_text(text)
         return path
     store, name = object_store_of(str(target), key)
-    with tempfile.TemporaryDirectory(prefix="composer_shear_upload_") as scratch:
-        local = Path(scratch) / "file"
-        local.write_text(text)
-        try:
-            store.upload_object(name, str(local))
-        except Exception as error:  # cloud SDK errors, reported with the key
-            raise OutputPathError(f"{key}: cannot write {target}: {error}") from error
+    try:
+        _put_text(store, name, text)
+    except Exception as error:  # cloud SDK errors, reported with the key
+        raise OutputPathError(f"{key}: cannot write {target}: {error}") from error
     return str(target)

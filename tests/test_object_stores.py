@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from composer_shear.data.calibration import calibration_batches
+from composer_shear.data.prep import DataPrepError, prepare_domains
+from composer_shear.data.prep import register_cli as register_tokenize
 from composer_shear.data.reference_loss import register_cli as register_reference_loss
 from composer_shear.downstream.data import build_eval_data
 from composer_shear.export.checkpoint import export_checkpoint
@@ -29,6 +31,7 @@ from composer_shear.output_paths import (
     upload_dir,
 )
 from tests.downstream_helpers import write_fake_source
+from tests.mds_helpers import synthetic_domains, write_raw_corpus
 from tests.pruning_helpers import (
     FAMILY_TARGETS,
     PRUNE_YAML,
@@ -295,3 +298,38 @@ def test_a_killed_remote_replace_never_loses_the_previous_export(s3_server, tmp_
         prefix + EXPORT_INFO: _objects(s3, prefix)[prefix + EXPORT_INFO]
     }
     assert _objects(s3, "atomic/.export.tmp-") == {}
+
+
+def test_tokenize_to_s3_equals_a_local_tokenize(s3_server, tmp_path, tiny_tokenizer_dir):
+    """``composer-shear tokenize RAW s3://...``: Streaming's writer uploads the shards to a
+    staging prefix, published at the end; every object equals the local run's file."""
+    raw = write_raw_corpus(tmp_path / "raw", synthetic_domains())
+    local = tmp_path / "local"
+    prepare_domains(raw, local, tiny_tokenizer_dir, 32, verbose=False)
+    parser = argparse.ArgumentParser()
+    register_tokenize(parser.add_subparsers())
+    command = ["tokenize", str(raw), "s3://shear/tok", "--tokenizer", str(tiny_tokenizer_dir)]
+    args = parser.parse_args([*command, "--max-seq-len", "32", "--quiet"])
+    assert args.func(args) == 0
+    expected = {p.relative_to(local).as_posix(): p for p in local.rglob("*") if p.is_file()}
+    names = list_remote("s3://shear/tok", "test")
+    assert sorted(names) == sorted(expected) and RUN_MARKER in names
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for name in set(names) - {RUN_MARKER}:  # the marker holds the pid: same here, though
+        body = s3.get_object(Bucket="shear", Key=f"tok/{name}")["Body"].read()
+        assert body == expected[name].read_bytes(), name
+    assert _objects(s3, ".tok.tmp-") == {}
+    # Streaming reads it back as it reads the local folder.
+    batches = [
+        calibration_batches(d, 512, 32, batch_size=2, seed=0) for d in (local, "s3://shear/tok")
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*batches, strict=True)) and batches[0]
+
+    # Ours: refused without --overwrite, replaced with it; someone else's: refused.
+    assert args.func(args) == 1
+    args = parser.parse_args([*command, "--max-seq-len", "32", "--quiet", "--overwrite"])
+    assert args.func(args) == 0
+    s3.put_object(Bucket="shear", Key="theirs_tok/notes.txt", Body=b"theirs")
+    with pytest.raises(DataPrepError, match="not written by composer_shear"):
+        prepare_domains(raw, "s3://shear/theirs_tok", tiny_tokenizer_dir, 32, overwrite=True)
+    assert list_remote("s3://shear/theirs_tok", "test") == ["notes.txt"]
