@@ -4,16 +4,20 @@ Writes a Composer-style ``targeted_pruning`` checkpoint of a random Llama (defau
 parameters, TinyLlama's shape; AdamW's two moments per parameter, so the file is ~3x the
 weights), then exports it twice, each in a fresh process:
 
-- ``bounded``: today's :func:`~composer_shear.export.checkpoint.load_composer_checkpoint`
-  (memory-mapped, ``weights_only``; optimizer state never read) and the export;
+- ``streamed``: what ``composer-shear export`` does:
+  :func:`~composer_shear.export.checkpoint.load_composer_checkpoint` (memory-mapped,
+  ``weights_only``; optimizer state never read), a ``meta`` skeleton with the gates, and the
+  export cutting one tensor at a time from the mapped file into the safetensors shards;
 - ``full load``: the earlier path, ``torch.load(..., weights_only=False)`` without ``mmap``
-  (every tensor, optimizer state included, read into memory), then the same export.
+  (every tensor, optimizer state included, read into memory), the gated model loaded, then
+  the same export from the live model (``--skip-full-load`` leaves it out: it needs RAM for
+  the whole checkpoint).
 
 Each child reports its resident set after imports (the interpreter) and its peak
 (``ru_maxrss``). The table sets both next to the exported model's bytes; the goal is
 ``peak - interpreter <= 1.3 x exported bytes``.
 
-    python benchmarks/bench_export_memory.py [--size 1b|small] [--keep DIR]
+    python benchmarks/bench_export_memory.py [--size 1b|small] [--keep DIR] [--skip-full-load]
 
 It writes ~13 GB to a temp folder at ``--size 1b`` and needs that much free disk; the
 ``full load`` child needs as much RAM. ``--size small`` (~0.2B) runs the same in a minute.
@@ -119,20 +123,23 @@ def export_child(mode: str, checkpoint: Path, out: Path) -> dict:
     import torch
 
     from composer_shear.export.checkpoint import (
+        checkpoint_tensors,
         export_model,
         gated_model_from_checkpoint,
         load_composer_checkpoint,
     )
 
     interpreter = rss_bytes()
-    if mode == "bounded":
+    if mode == "streamed":
         loaded = load_composer_checkpoint(checkpoint)
+        model = gated_model_from_checkpoint(loaded, load=False)
+        weights = checkpoint_tensors(loaded)
     else:  # the earlier path: everything read into memory, any pickle allowed
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=False)
         loaded["_path"] = str(checkpoint)
-    model = gated_model_from_checkpoint(loaded)
+        model, weights = gated_model_from_checkpoint(loaded), None
     del loaded
-    summary = export_model(model, out, tokenizer=None)
+    summary = export_model(model, out, tokenizer=None, weights=weights)
     exported = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {
         "mode": mode,
@@ -152,6 +159,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=SIZES, default="1b", help="source model size")
     parser.add_argument("--keep", help="work folder to use and keep (default: a temp folder)")
+    parser.add_argument(
+        "--skip-full-load",
+        action="store_true",
+        help="measure the streamed export only (the full load needs RAM for the checkpoint)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,7 +183,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--make", args.size, str(checkpoint)], check=True)
     size = checkpoint.stat().st_size
     rows = []
-    for mode in ("bounded", "full load"):
+    for mode in ("streamed",) if args.skip_full_load else ("streamed", "full load"):
         out = work / f"export_{mode.replace(' ', '_')}"
         print(f"exporting ({mode})", flush=True)
         proc = subprocess.run(

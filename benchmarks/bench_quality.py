@@ -495,6 +495,14 @@ def oneshot_cut(
         raise RuntimeError(f"prune-oneshot failed:\n{proc.stderr[-3000:]}")
 
 
+def cell_settings(cfg: Mapping[str, Any], cell: Cell) -> dict[str, Any]:
+    """The settings a cell's one-shot cut uses: a method may give its own ``target_shape``.
+
+    E.g. the shape a search picked at the same parameter budget (``oneshot_searched``).
+    """
+    return {**cfg, "target_shape": dict(cell.spec.get("target_shape", cfg["target_shape"]))}
+
+
 def run_oneshot(bench: Bench, cell: Cell) -> Path:
     """The one-shot cut of a oneshot or scratch cell (scratch: a random cut, reinitialised)."""
     run_dir = cell.run_dir(bench)
@@ -513,7 +521,7 @@ def run_oneshot(bench: Bench, cell: Cell) -> Path:
     log(f"  [{cell.name}] one-shot ({choice}) cut")
     pruned = run_dir / "models" / "pruned"
     oneshot_cut(
-        bench.source, pruned, bench.data, bench.cfg, importance, cell.seed,
+        bench.source, pruned, bench.data, cell_settings(bench.cfg, cell), importance, cell.seed,
         run_dir / "logs" / "oneshot.log", units_dir, cell.spec.get("layer_score"),
     )  # fmt: skip
     return pruned

@@ -22,6 +22,7 @@ __all__ = [
     "check_hf_dir",
     "list_override",
     "llmfoundry_train",
+    "llmfoundry_train_command",
     "mapping_override",
     "subprocess_environment",
 ]
@@ -37,7 +38,19 @@ class LaunchError(RuntimeError):
     """A launched job failed, or what it wrote does not load; the message says where to look."""
 
 
-def llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path, cwd: Path = REPO) -> None:
+def llmfoundry_train_command(yaml: Path, overrides: list[str], processes: int = 1) -> list[str]:
+    """The command line of ``llmfoundry train``; under ``composer -n processes`` when > 1."""
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "llmfoundry"), "train", str(yaml), *overrides]
+    if processes > 1:
+        # Composer's launcher runs the console script once per process (one per GPU).
+        command = [str(bin_dir / "composer"), "-n", str(processes), *command]
+    return command
+
+
+def llmfoundry_train(
+    yaml: Path, overrides: list[str], log_path: Path, cwd: Path = REPO, processes: int = 1
+) -> None:
     """Runs ``llmfoundry train`` in a subprocess, echoing progress and keeping the full log.
 
     Args:
@@ -45,12 +58,14 @@ def llmfoundry_train(yaml: Path, overrides: list[str], log_path: Path, cwd: Path
         overrides: OmegaConf command-line overrides (``key=value``).
         log_path: Where the whole console output goes (created with its parents).
         cwd: Working directory of the job (the recipes' relative paths resolve from it).
+        processes: Processes (GPUs) to launch with ``composer -n``; 1 runs it directly. The
+            log then holds global rank 0's output (Composer's launcher shows a failed
+            rank's output too).
 
     Raises:
         LaunchError: The job exited non-zero; the message carries the log's last lines.
     """
-    llmfoundry = Path(sys.executable).parent / "llmfoundry"
-    command = [str(llmfoundry), "train", str(yaml), *overrides]
+    command = llmfoundry_train_command(yaml, overrides, processes)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")

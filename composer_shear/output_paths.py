@@ -15,26 +15,33 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from composer.utils import ObjectStore, get_file, maybe_create_object_store_from_uri, parse_uri
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "EXPORT_RECORD",
     "OWNERSHIP_FILES",
+    "PUBLISHING_MARKER",
     "RUN_MARKER",
+    "STAGED_MANIFEST",
     "OutputPathError",
     "check_output_dir",
     "check_output_file",
     "check_remote_output",
     "check_replaceable",
     "delete_remote",
+    "discard_staged",
     "download_dir",
     "download_file",
     "is_inside",
@@ -43,8 +50,12 @@ __all__ = [
     "list_remote",
     "not_ours_message",
     "object_store_of",
+    "publish_staged",
     "recover_interrupted",
+    "recover_remote",
+    "remote_stage",
     "replace_dir",
+    "run_marker_text",
     "staging_dir",
     "upload_dir",
     "write_run_marker",
@@ -139,7 +150,12 @@ def check_output_file(path: str | os.PathLike, key: str) -> Path:
 # later run given ``overwrite``; any other non-empty folder is never deleted.
 EXPORT_RECORD = "composer_shear_export.json"
 RUN_MARKER = ".composer_shear_output.json"
-OWNERSHIP_FILES = (EXPORT_RECORD, RUN_MARKER)
+# In an object-store folder while a new version is being copied in (see upload_dir): the
+# folder is ours, and not complete until the marker is gone.
+PUBLISHING_MARKER = ".composer_shear_publishing.json"
+OWNERSHIP_FILES = (EXPORT_RECORD, RUN_MARKER, PUBLISHING_MARKER)
+# Last object of a staged upload: the staging prefix holds every file it lists.
+STAGED_MANIFEST = ".composer_shear_staged.json"
 
 
 def is_ours(path: str | os.PathLike) -> bool:
@@ -148,13 +164,18 @@ def is_ours(path: str | os.PathLike) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in OWNERSHIP_FILES)
 
 
+def run_marker_text(what: str) -> str:
+    """The content of a run marker (``what``: the command that wrote the folder)."""
+    record = {"written_by": "composer_shear", "what": what, "pid": os.getpid()}
+    return json.dumps(record) + "\n"
+
+
 def write_run_marker(folder: str | os.PathLike, what: str) -> None:
     """Marks ``folder`` as written by composer_shear (``what``: the command).
 
     A later ``--overwrite`` may then replace it; see :func:`check_replaceable`.
     """
-    record = {"written_by": "composer_shear", "what": what, "pid": os.getpid()}
-    (Path(folder) / RUN_MARKER).write_text(json.dumps(record) + "\n")
+    (Path(folder) / RUN_MARKER).write_text(run_marker_text(what))
 
 
 def not_ours_message(path: str | os.PathLike, key: str) -> str:
@@ -233,12 +254,16 @@ def recover_interrupted(out_dir: str | os.PathLike) -> list[str]:
     return done
 
 
+def _staging_name(name: str) -> str:
+    """Name of a staging sibling of the folder ``name``: ``.NAME.tmp-HOST-PID-HEX``."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def staging_dir(out_dir: str | os.PathLike) -> Path:
     """Creates an empty staging folder beside ``out_dir`` for :func:`replace_dir`."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    name = f".{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out_dir.parent / name
+    tmp = out_dir.parent / _staging_name(out_dir.name)
     tmp.mkdir()
     return tmp
 
@@ -325,8 +350,11 @@ def list_remote(uri: str, key: str) -> list[str]:
 def check_remote_output(uri: str, key: str, overwrite: bool) -> None:
     """The ownership rule of :func:`check_replaceable` for an object-store folder.
 
-    Also proves early that the store is reachable (it lists the folder).
+    Also proves early that the store is reachable (it lists the folder), and first repairs
+    what a killed upload to ``uri`` left (:func:`recover_remote`, logged).
     """
+    for line in recover_remote(uri, key):
+        log.warning("%s", line)
     names = list_remote(uri, key)
     if not names:
         return
@@ -339,34 +367,199 @@ def check_remote_output(uri: str, key: str, overwrite: bool) -> None:
         )
 
 
-def upload_dir(local_dir: str | os.PathLike, uri: str, key: str) -> None:
-    """Uploads every file of ``local_dir`` under ``uri``, ownership files last.
+def _deleting_client(store: ObjectStore) -> tuple[object, str] | tuple[None, None]:
+    """The boto3 client and bucket of an S3 store (the stores we can delete and copy in)."""
+    client, bucket = getattr(store, "client", None), getattr(store, "bucket", None)
+    if client is None or not hasattr(client, "delete_object") or not hasattr(client, "copy"):
+        return None, None
+    return client, bucket
 
-    Objects of an earlier export under ``uri`` that the new one does not have are deleted
-    after the upload (the folder was checked to be ours). The export record goes last, so
-    a folder whose upload was cut short still holds the previous record (or none) and a
-    reader of the record sees a complete export.
+
+def _sibling_uri(uri: str, name: str) -> str:
+    """The URI of the folder ``name`` beside the folder ``uri``."""
+    return f"{uri.rstrip('/').rsplit('/', 1)[0]}/{name}"
+
+
+def _ownership_last(names: list[str]) -> list[str]:
+    """``names`` sorted, ownership files last and the export record the very last."""
+    return sorted(names, key=lambda n: (n in OWNERSHIP_FILES, n == EXPORT_RECORD, n))
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, key: str) -> None:
+    """Publishes every file of ``local_dir`` under the folder ``uri``, replacing ours there.
+
+    On S3 the new version is uploaded whole to a staging sibling (:func:`remote_stage`) and
+    then copied into ``uri`` server-side (:func:`publish_staged`): the folder's export record
+    and run marker are removed before any of its objects changes and written after all of
+    them, so a folder holding the record is always complete, and a kill leaves either the
+    previous version untouched (killed while staging) or a complete staged copy that
+    :func:`recover_remote` publishes (killed while copying). Objects of the previous version
+    that the new one lacks are deleted at the end (the folder was checked to be ours).
+    Stores we cannot copy and delete in get the files directly, ownership files last.
+    """
+    local_dir = Path(local_dir)
+    files = {p.relative_to(local_dir).as_posix(): p for p in local_dir.rglob("*") if p.is_file()}
+    staged = remote_stage(uri, key)
+    store, staged_prefix = object_store_of(staged, key)
+    try:
+        for name in _ownership_last(list(files)):
+            store.upload_object(f"{staged_prefix}/{name}", str(files[name]))
+    except Exception as error:  # cloud SDK errors, reported with the key
+        raise OutputPathError(f"{key}: cannot upload to {uri}: {error}") from error
+    publish_staged(staged, uri, key)
+
+
+def remote_stage(uri: str, key: str) -> str:
+    """Where to upload a new version of the object-store folder ``uri``.
+
+    A fresh staging sibling ``.NAME.tmp-HOST-PID-*`` on S3, to be published with
+    :func:`publish_staged`; ``uri`` itself on stores we cannot copy and delete in (upload
+    the ownership files last there).
     """
     store, prefix = object_store_of(uri, key)
-    local_dir = Path(local_dir)
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.name in OWNERSHIP_FILES)
-    before = set(list_remote(uri, key))
-    for path in files:
-        store.upload_object(f"{prefix}/{path.relative_to(local_dir).as_posix()}", str(path))
-    stale = before - {p.relative_to(local_dir).as_posix() for p in files}
-    delete_remote(uri, sorted(stale), key)
+    if _deleting_client(store)[0] is None:
+        return uri
+    if not prefix:
+        raise OutputPathError(f"{key}: {uri}: give a folder inside the bucket, not its root.")
+    return _sibling_uri(uri, _staging_name(prefix.rsplit("/", 1)[-1]))
+
+
+def publish_staged(staged: str, uri: str, key: str) -> None:
+    """Publishes the folder ``staged`` (from :func:`remote_stage`, fully uploaded) to ``uri``.
+
+    Writes the staged manifest (the staged copy is complete), then :func:`_publish`. Nothing
+    to do when ``staged`` is ``uri`` (a store without copy and delete).
+    """
+    if staged == uri:
+        return
+    store, staged_prefix = object_store_of(staged, key)
+    names = _ownership_last(list_remote(staged, key))
+    try:
+        manifest = {"files": names, "target": uri, "time": time.time()}
+        _put_text(store, f"{staged_prefix}/{STAGED_MANIFEST}", json.dumps(manifest))
+    except Exception as error:  # cloud SDK errors, reported with the key
+        raise OutputPathError(f"{key}: cannot upload to {uri}: {error}") from error
+    _publish(staged, uri, names, key)
+
+
+def discard_staged(staged: str, uri: str, key: str) -> None:
+    """Deletes the staged copy of a failed upload to ``uri``.
+
+    Best effort: a copy left behind is removed by the next :func:`recover_remote`.
+    """
+    if staged == uri:
+        return
+    try:
+        delete_remote(staged, list_remote(staged, key), key)
+    except OutputPathError as error:
+        log.warning("could not remove %s: %s", staged, error)
+
+
+def _put_text(store: ObjectStore, name: str, text: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="composer_shear_upload_") as scratch:
+        local = Path(scratch) / "object"
+        local.write_text(text)
+        store.upload_object(name, str(local))
+
+
+def _publish(staged: str, uri: str, names: list[str], key: str) -> None:
+    """Copies the staged folder's ``names`` into ``uri`` (S3, server-side), then drops it.
+
+    Order: publishing marker in; record and run marker out (the folder is no longer a
+    complete export); every file copied, ownership files last; objects of the previous
+    version that the new one lacks deleted; publishing marker out; staging deleted, its
+    manifest first. Repeating it after a kill at any point gives the same folder.
+    """
+    store, prefix = object_store_of(uri, key)
+    _, staged_prefix = object_store_of(staged, key)
+    client, bucket = _deleting_client(store)
+    try:
+        before = set(list_remote(uri, key))
+        _put_text(store, f"{prefix}/{PUBLISHING_MARKER}", json.dumps({"from": staged}))
+        for name in (EXPORT_RECORD, RUN_MARKER):
+            if name in before:
+                client.delete_object(Bucket=bucket, Key=store.get_key(f"{prefix}/{name}"))
+        for name in names:
+            source = {"Bucket": bucket, "Key": store.get_key(f"{staged_prefix}/{name}")}
+            client.copy(source, bucket, store.get_key(f"{prefix}/{name}"))
+        stale = before - set(names) - {PUBLISHING_MARKER}
+        delete_remote(uri, sorted(stale), key)
+        if PUBLISHING_MARKER not in names:
+            delete_remote(uri, [PUBLISHING_MARKER], key)
+        delete_remote(staged, [STAGED_MANIFEST, *names], key)
+    except OutputPathError:
+        raise
+    except Exception as error:  # cloud SDK errors, reported with the key
+        raise OutputPathError(f"{key}: cannot publish {staged} to {uri}: {error}") from error
+
+
+def _remote_stagings(uri: str, key: str) -> dict[str, list[str]]:
+    """Staging siblings of the folder ``uri`` (``.NAME.tmp-*``) and the objects in each."""
+    store, prefix = object_store_of(uri, key)
+    parent, _, name = prefix.rpartition("/")
+    start = f"{parent}/" if parent else ""
+    try:
+        keys = store.list_objects(f"{start}.{name}.tmp-")
+    except Exception as error:  # cloud SDK errors, reported with the key
+        raise OutputPathError(f"{key}: cannot reach {uri}: {error}") from error
+    store_prefix = getattr(store, "prefix", "") or ""
+    stagings: dict[str, list[str]] = {}
+    for full in keys:
+        folder, _, rest = full[len(store_prefix) + len(start) :].partition("/")
+        if rest:
+            stagings.setdefault(folder, []).append(rest)
+    return stagings
+
+
+def recover_remote(uri: str, key: str) -> list[str]:
+    """Repairs what a killed :func:`upload_dir` to ``uri`` left; returns what it did.
+
+    A publish cut short (``uri`` holds the publishing marker) is finished from the newest
+    complete staged copy; staged copies of dead uploads are deleted otherwise (the folder
+    kept its previous version). Only on S3 stores (the ones :func:`upload_dir` stages on).
+    """
+    store, _ = object_store_of(uri, key)
+    if _deleting_client(store)[0] is None:
+        return []
+    stagings = {
+        folder: names
+        for folder, names in _remote_stagings(uri, key).items()
+        if not _sibling_pid_alive(folder)
+    }
+    done: list[str] = []
+    complete = {}
+    for folder, names in stagings.items():
+        if STAGED_MANIFEST in names:
+            with tempfile.TemporaryDirectory(prefix="composer_shear_download_") as scratch:
+                local = download_file(
+                    f"{_sibling_uri(uri, folder)}/{STAGED_MANIFEST}", Path(scratch) / "m", key
+                )
+                complete[folder] = json.loads(local.read_text())
+    if PUBLISHING_MARKER in list_remote(uri, key) and complete:
+        newest = max(complete, key=lambda folder: complete[folder].get("time", 0))
+        _publish(_sibling_uri(uri, newest), uri, complete[newest]["files"], key)
+        done.append(f"finished publishing {uri} from {newest} (an upload was killed mid-copy)")
+        del stagings[newest]
+    for folder, names in stagings.items():
+        delete_remote(_sibling_uri(uri, folder), sorted(names), key)
+        done.append(f"removed {_sibling_uri(uri, folder)}, left by an interrupted upload to {uri}")
+    return done
 
 
 def delete_remote(uri: str, names: list[str], key: str) -> None:
-    """Deletes the objects ``names`` (relative to the folder ``uri``)."""
+    """Deletes the objects ``names`` (relative to the folder ``uri``).
+
+    A staged manifest and the export record go first, the run and publishing markers last:
+    a folder whose deletion is cut short never looks complete, and still looks ours.
+    """
     if not names:
         return
     store, prefix = object_store_of(uri, key)
-    client, bucket = getattr(store, "client", None), getattr(store, "bucket", None)
-    if client is None or not hasattr(client, "delete_object"):
+    client, bucket = _deleting_client(store)
+    if client is None:
         raise OutputPathError(f"{key}: {uri}: deleting objects is only supported on S3 stores.")
-    for name in names:
+    first, last = (STAGED_MANIFEST, EXPORT_RECORD), (RUN_MARKER, PUBLISHING_MARKER)
+    for name in sorted(names, key=lambda n: (0 if n in first else 2 if n in last else 1, n)):
         client.delete_object(Bucket=bucket, Key=store.get_key(f"{prefix}/{name}"))
 
 
@@ -419,11 +612,8 @@ def write_text_output(target: str | os.PathLike, text: str, key: str) -> str | P
         path.write_text(text)
         return path
     store, name = object_store_of(str(target), key)
-    with tempfile.TemporaryDirectory(prefix="composer_shear_upload_") as scratch:
-        local = Path(scratch) / "file"
-        local.write_text(text)
-        try:
-            store.upload_object(name, str(local))
-        except Exception as error:  # cloud SDK errors, reported with the key
-            raise OutputPathError(f"{key}: cannot write {target}: {error}") from error
+    try:
+        _put_text(store, name, text)
+    except Exception as error:  # cloud SDK errors, reported with the key
+        raise OutputPathError(f"{key}: cannot write {target}: {error}") from error
     return str(target)

@@ -110,9 +110,7 @@ def test_every_method_names_real_options_or_pending_ones(bench, settings):
         assert set(problems) <= set(bench.PENDING_OPTIONS), (name, problems)
 
 
-def test_a_method_with_a_missing_option_is_refused_by_name_before_anything_runs(
-    bench, settings
-):
+def test_a_method_with_a_missing_option_is_refused_by_name_before_anything_runs(bench, settings):
     cfg = copy.deepcopy(settings)
     cfg["methods"]["typo"] = {
         "route": "maskonly", "gate_lr": 0.3, "prune_steps": 26,
@@ -146,6 +144,29 @@ def test_oneshot_cli_check_accepts_what_the_benchmark_passes(bench, settings):
     assert "--target-shape" in args and "--layer-score" not in args
     error = bench.oneshot_cli_error(["--calibration-tokens", "many"])
     assert error is not None and "--calibration-tokens" in error
+
+
+def test_a_oneshot_method_can_cut_to_its_own_shape_at_the_same_budget(bench, settings):
+    """``oneshot_searched`` cuts the search's shape; its parameters match the recipe target's."""
+    from transformers import LlamaConfig
+
+    from composer_shear.shape import ModelShape
+
+    searched = bench.cell_settings(settings, bench.plan_cell(settings, "oneshot_searched", 17, 512))
+    default = bench.cell_settings(settings, bench.plan_cell(settings, "oneshot", 17, 512))
+    assert default["target_shape"] == settings["target_shape"]
+    assert searched["target_shape"] != settings["target_shape"]
+    args = bench.oneshot_args(searched, "activation", 17)
+    assert bench.oneshot_cli_error(args) is None
+    assert "num_hidden_layers=20" in args[args.index("--target-shape") + 1]
+    config = REPO / "tests" / "fixtures" / "configs" / "SmolLM2-135M.json"
+    source = ModelShape.from_config(LlamaConfig.from_json_file(config))
+    params = {
+        name: source.resolve_target(cfg["target_shape"]).num_params()
+        for name, cfg in (("searched", searched), ("default", default))
+    }
+    # The search's budget is the demo target's parameter count, within its 3% tolerance.
+    assert abs(params["searched"] / params["default"] - 1) <= 0.03, params
 
 
 def test_plan_splits_each_route_and_keeps_the_budget(bench, settings):
@@ -296,9 +317,7 @@ def test_machine_is_recorded_and_named_under_the_tables(bench, common, tables, s
     assert machine["cpu"] in note and "1 cell(s) ran before machines were recorded" in note
 
 
-def test_curve_aggregates_seeds_per_cell_and_leaves_missing_cells_empty(
-    tables, settings, tmp_path
-):
+def test_curve_aggregates_seeds_per_cell_and_leaves_missing_cells_empty(tables, settings, tmp_path):
     cfg = {**settings, "global_batch_size": 8, "max_seq_len": 128}
     cells = {
         60: [("oneshot", 17, 0, 60, 4.5), ("learned_harden_p10", 17, 6, 54, 4.6)],

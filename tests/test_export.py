@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import zipfile
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from composer_shear.export.checkpoint import export_checkpoint, load_composer_checkpoint
+from composer_shear.distillation.algorithm import KnowledgeDistillation
+from composer_shear.export.checkpoint import (
+    export_checkpoint,
+    export_model,
+    load_composer_checkpoint,
+)
 from composer_shear.export.surgery import plan_pruning
 from composer_shear.export.units import KeptUnitsError, compare_kept_units, read_kept_units
 from composer_shear.export.writer import ExportError
+from composer_shear.pruning.masking import find_gated_hf_model
 from tests.pruning_helpers import (
     FAMILY_TARGETS,
     REPO,
@@ -318,3 +326,37 @@ def test_new_families_end_to_end(family, tiny_tokenizer_dir, tmp_path):
         assert sum(p.numel() for p in model.parameters()) == gates.target.num_params()
         with torch.no_grad():
             assert (model(ids).logits - masked_logits).abs().max().item() < 1e-4
+
+
+def test_bf16_export_is_the_fp32_export_cast_beside_a_bf16_teacher(tiny_tokenizer_dir, tmp_path):
+    """``precision: bfloat16`` writes, tensor for tensor, the fp32 export cast to bf16 (the
+    cast follows the fold and the slice), in a run distilling from a bf16 teacher
+    (``teacher_dtype: bfloat16``, what ``auto`` picks under ``amp_bf16``) as the GPU recipes do."""
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    trainer = run_prune(
+        model_dir,
+        data_dir,
+        "max_duration=4ba",
+        "algorithms.knowledge_distillation.teacher=source",
+        "algorithms.knowledge_distillation.alpha=0.5",
+        "algorithms.knowledge_distillation.teacher_dtype=bfloat16",
+        f"callbacks.pruned_hf_export.save_folder={tmp_path / 'bf16'}",
+        "callbacks.pruned_hf_export.precision=bfloat16",
+    )
+    (kd,) = [a for a in trainer.state.algorithms if isinstance(a, KnowledgeDistillation)]
+    assert {p.dtype for p in kd.teacher.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(trainer.state.loss["kd"]) and trainer.state.loss["kd"] > 0
+    hf_model = find_gated_hf_model(trainer.state.model)
+    fp32 = export_model(hf_model, tmp_path / "fp32", trainer.state.model.tokenizer).out_dir
+    trainer.close()
+    bf16 = load_file(tmp_path / "bf16" / "model.safetensors")
+    reference = load_file(fp32 / "model.safetensors")
+    assert bf16.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert tensor.dtype == torch.float32, name
+        assert bf16[name].dtype == torch.bfloat16, name
+        assert torch.equal(bf16[name], tensor.to(torch.bfloat16)), name
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    model = load_hf(tmp_path / "bf16")  # loads strictly
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 48

@@ -84,9 +84,7 @@ def test_gated_forward_saves_little_more_than_plain_training(family):
     ids = torch.randint(0, 512, (batch, seq))
     plain = _saved_bytes(tiny_model(family).train(), ids)
     model = tiny_model(family).train()
-    target = dict(
-        num_hidden_layers=3, hidden_size=48, num_key_value_heads=1, intermediate_size=64
-    )
+    target = dict(num_hidden_layers=3, hidden_size=48, num_key_value_heads=1, intermediate_size=64)
     attach_gates(model, target)
     gated = _saved_bytes(model, ids)
     config = model.config

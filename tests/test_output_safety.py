@@ -199,6 +199,10 @@ def test_callback_takes_hf_checkpointer_keys_and_keeps_the_newest_periodic_expor
         PrunedHFExport(save_folder="x", interval="5ba", save_interval="5ba")
     with pytest.raises(ValueError, match="save_num_checkpoints_to_keep"):
         PrunedHFExport(save_folder="x", save_num_checkpoints_to_keep=-2)
+    for timeout in (0, -1.0, "2h", True):
+        with pytest.raises(ValueError, match="export_timeout must be a number of seconds"):
+            PrunedHFExport(save_folder="x", export_timeout=timeout)
+    assert PrunedHFExport(save_folder="x", export_timeout=60).export_timeout == 60.0
 
     model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
     export = tmp_path / "pruned"

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
-from composer.utils import dist, parse_uri
+from composer.utils import dist, parse_uri, reproducibility
+from composer.utils.checkpoint import get_save_filename
+from torch.distributed import checkpoint as dist_cp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from composer_shear.data.descriptors import bound_open_files
 from composer_shear.export.checkpoint import MODEL_PREFIX, export_model, gated_model_from_weights
@@ -36,6 +43,9 @@ __all__ = ["PrunedHFExport"]
 log = logging.getLogger(__name__)
 
 KEY = "callbacks.pruned_hf_export"
+# Two hours: a 70B bf16 export (~140 GB) at 100 MB/s to a shared filesystem takes ~25 minutes,
+# and the CPU rebuild and slicing on rank 0 come on top.
+DEFAULT_EXPORT_TIMEOUT = 7200.0
 
 
 class PrunedHFExport(Callback):
@@ -45,6 +55,18 @@ class PrunedHFExport(Callback):
     :mod:`composer_shear.export.surgery`) and writes config, safetensors, tokenizer and generation
     config atomically. Under FSDP (1 or 2) the full state dict is first gathered to rank 0's
     CPU, tensor by tensor, and rank 0 rebuilds the gated model from it.
+
+    How long it takes, and which timeout applies: the gather is a collective of the default
+    process group, so it is bounded by the job's ``dist_timeout`` (LLM Foundry's default
+    600 s), and it is quick (the model's weights once over the interconnect). The rebuild, the
+    slicing and the write run on rank 0 alone and take about the written bytes over the disk
+    speed: in bf16 a 2.7B export (pruned from 7B) is ~5.4 GB and a 7B-sized one ~14 GB, 1-3
+    minutes to a local NVMe disk, 5-15 minutes to a shared filesystem at 20-50 MB/s; a
+    70B-sized one ~10 times that. Meanwhile the other ranks wait on a separate gloo process
+    group created at ``INIT`` with ``export_timeout`` seconds, never in a collective of the
+    default group, and every rank returns to training (or to Composer's own end-of-run
+    collectives) together once rank 0 is done. The same holds for periodic exports and the
+    rescue checkpoint.
 
     The export folders are checked at ``Event.INIT`` (creatable, writable; an existing
     non-empty folder is replaced only if it is an earlier export of ours and ``overwrite`` is
@@ -80,6 +102,9 @@ class PrunedHFExport(Callback):
         save_num_checkpoints_to_keep: How many periodic exports of this run to keep (the
             newest); older ones are deleted once a newer one is written. ``-1`` (default)
             keeps all. The final export is not counted.
+        export_timeout: Seconds the other ranks wait for rank 0 to write one export (or the
+            rescue checkpoint) before they fail (default 7200). Raise it when a write to a
+            slow filesystem may take longer; ``dist_timeout`` does not bound it.
         interval: Deprecated name of ``save_interval``.
         dtype: Deprecated name of ``precision``.
     """
@@ -91,6 +116,7 @@ class PrunedHFExport(Callback):
         precision: str | None = None,
         overwrite: bool = True,
         save_num_checkpoints_to_keep: int = -1,
+        export_timeout: float = DEFAULT_EXPORT_TIMEOUT,
         interval: str | int | None = None,
         dtype: str | None = None,
     ):
@@ -113,6 +139,15 @@ class PrunedHFExport(Callback):
                 "pruned_hf_export.save_num_checkpoints_to_keep must be -1 (keep all) or a "
                 f"count >= 0, got {save_num_checkpoints_to_keep!r}"
             )
+        if isinstance(export_timeout, bool) or not (
+            isinstance(export_timeout, (int, float)) and export_timeout > 0
+        ):
+            raise ValueError(
+                f"pruned_hf_export.export_timeout must be a number of seconds > 0, got "
+                f"{export_timeout!r}"
+            )
+        self.export_timeout = float(export_timeout)
+        self.wait_group: Any = None  # the long-timeout group (set at INIT when distributed)
         self.save_folder = save_folder
         self.precision = precision
         self.dtype = DTYPES[precision] if precision else None
@@ -127,7 +162,12 @@ class PrunedHFExport(Callback):
         return self.save_folder.format(run_name=state.run_name) + suffix
 
     def init(self, state: State, logger: Logger) -> None:
-        """Checks the export folder(s) before anything trains (rank 0 checks, every rank stops)."""
+        """Checks the export folder(s) before anything trains (rank 0 checks, every rank stops).
+
+        Also creates, on every rank, the process group the other ranks wait on while rank 0
+        writes (a collective: every rank reaches ``INIT`` together).
+        """
+        self.wait_group = long_timeout_group(self.export_timeout)
         problem = None
         if dist.get_global_rank() == 0:
             try:
@@ -145,10 +185,15 @@ class PrunedHFExport(Callback):
                     )
             except OutputPathError as e:
                 problem = str(e)
-        status = [problem]
-        dist.broadcast_object_list(status, src=0)
-        if status[0] is not None:
-            raise OutputPathError(status[0])
+        problem = self._from_rank0(problem)
+        if problem is not None:
+            raise OutputPathError(problem)
+
+    def _from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank, waiting as long as ``export_timeout`` allows."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.wait_group)
+        return box[0]
 
     def fit_start(self, state: State, logger: Logger) -> None:
         """Fails fast when there are no gates to export."""
@@ -165,16 +210,15 @@ class PrunedHFExport(Callback):
         batch = int(state.timestamp.batch)
         if batch % int(self.save_interval.value) == 0:
             folder = self._folder(state, f"_ba{batch}")
-            error = self._export(state, logger, folder)
+            # Rank 0 also drops the old exports before the others are told: deleting a
+            # large folder must not hold them in the next training step's collective.
+            error = self._export(state, logger, folder, self._drop_old_periodic_exports)
             if error is not None:
                 log.error("pruned_hf_export: the export to %s failed: %s", folder, error)
-                return
-            self.periodic.append(folder)
-            if dist.get_global_rank() == 0:
-                self._drop_old_periodic_exports()
 
-    def _drop_old_periodic_exports(self) -> None:
-        """Deletes this run's oldest periodic exports beyond ``save_num_checkpoints_to_keep``."""
+    def _drop_old_periodic_exports(self, folder: str) -> None:
+        """Records ``folder`` and deletes the oldest periodic exports beyond the number to keep."""
+        self.periodic.append(folder)
         keep = self.save_num_checkpoints_to_keep
         if keep < 0:
             return
@@ -212,22 +256,33 @@ class PrunedHFExport(Callback):
             "checkpoints (save_folder) and export one with `composer-shear export`."
         )
 
-    def _export(self, state: State, logger: Logger, folder: str) -> str | None:
-        """Exports on rank 0; returns rank 0's error message (on every rank), or ``None``."""
+    def _export(
+        self,
+        state: State,
+        logger: Logger,
+        folder: str,
+        then: Callable[[str], None] | None = None,
+    ) -> str | None:
+        """Exports on rank 0; returns rank 0's error message (on every rank), or ``None``.
+
+        ``then(folder)`` runs on rank 0 after a successful write, before the others are told.
+        """
         error: str | None = None
-        # Every rank takes part in the gather; only rank 0 receives the tensors.
+        # Every rank takes part in the gather (a quick collective of the default group); only
+        # rank 0 receives the tensors.
         weights = full_state_dict(state.model) if is_sharded(state.model) else None
         if dist.get_global_rank() == 0:
             try:
                 self._export_rank0(state, logger, folder, weights)
+                if then is not None:
+                    then(folder)
             except Exception as exc:  # reported below, after the other ranks know
                 log.exception("pruned_hf_export: export to %s failed", folder)
                 error = f"{type(exc).__name__}: {exc}"
         del weights
-        # Every rank learns whether rank 0 succeeded, so none waits forever on a failed export.
-        status = [error]
-        dist.broadcast_object_list(status, src=0)
-        return status[0]
+        # Every rank learns whether rank 0 succeeded, so none waits forever on a failed export;
+        # they wait on the long-timeout group, so a slow write trips no dist_timeout.
+        return self._from_rank0(error)
 
     def _save_rescue_checkpoint(self, state: State, folder: str) -> tuple[Path | None, str | None]:
         """Writes a Composer checkpoint of the trained state where it can (all ranks call).
@@ -235,8 +290,6 @@ class PrunedHFExport(Callback):
         Candidates: next to a local export folder, then the system temp folder. Returns the
         checkpoint path (``None`` if none could be written) and the last error.
         """
-        from composer.utils.checkpoint import save_checkpoint
-
         name = f"{Path(parse_uri(folder)[2]).name}-rescue-{state.run_name}"
         places = [] if is_remote(folder) else [Path(folder).parent / name]
         places.append(Path(tempfile.gettempdir()) / name)
@@ -251,21 +304,20 @@ class PrunedHFExport(Callback):
                     continue
                 choice[0] = str(place)
                 break
-        dist.broadcast_object_list(choice, src=0)
-        if choice[0] is None:
+        choice = self._from_rank0(choice[0])
+        if choice is None:
             return None, errors[-1] if errors else "no writable location"
-        filename = str(Path(choice[0]) / "ep{epoch}-ba{batch}-rank{rank}.pt")
+        filename = str(Path(choice) / "ep{epoch}-ba{batch}-rank{rank}.pt")
         saved, error = None, None
         try:
-            saved = save_checkpoint(state, filename)
+            saved = write_checkpoint(state, filename, self.wait_group)
         except Exception as e:  # reported with the export error
+            log.exception("pruned_hf_export: saving the rescue checkpoint failed")
             error = f"{type(e).__name__}: {e}"
-        outcome = [(None if saved is None else str(saved), error)]
-        dist.broadcast_object_list(outcome, src=0)
-        saved, error = outcome[0]
+        saved, error = self._from_rank0((None if saved is None else str(saved), error))
         if error is not None:
             return None, error
-        return (Path(saved) if saved else Path(choice[0])), None
+        return (Path(saved) if saved else Path(choice)), None
 
     def _export_rank0(
         self, state: State, logger: Logger, folder: str, weights: dict | None
@@ -294,6 +346,53 @@ class PrunedHFExport(Callback):
         self.exported.append(summary.out_dir)
         log.info("pruned_hf_export:\n%s", summary.describe())
         logger.log_metrics({"pruned_hf_export/num_params": float(summary.target.num_params())})
+
+
+def long_timeout_group(seconds: float) -> Any:
+    """A gloo process group over every rank whose collectives wait up to ``seconds``.
+
+    Every rank must call it (creating a group is collective). ``None`` (Composer's helpers
+    then use the default group, if any) when the job is not distributed. Gloo runs on the CPU
+    beside any default backend (NCCL on GPU clusters): only small status objects cross it.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=seconds))
+
+
+def write_checkpoint(state: State, filename: str, group: Any) -> str | None:
+    """Composer's ``save_checkpoint``, with the waits on ``group`` instead of the default group.
+
+    Composer's ends in a barrier of the default group while rank 0 writes a monolithic
+    checkpoint, bounded by ``dist_timeout``: the weights and optimizer state of a 7B model
+    (~110 GB) take longer than that to write. Here the gathering of the state (quick) stays
+    on the default group; the write of a monolithic checkpoint happens on rank 0 and a
+    sharded one (``state_dict_type: sharded``) is written by every rank with
+    ``torch.distributed.checkpoint`` coordinated over ``group``. Returns the checkpoint file
+    on rank 0 (monolithic) or the sharded checkpoint's folder on every rank, else ``None``;
+    the layout is Composer's, so ``composer-shear export`` and Composer's ``load_path`` read
+    it.
+    """
+    state_dict = {"state": state.state_dict(), "rng": reproducibility.get_rng_state()}
+    path = get_save_filename(state, filename)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if state.fsdp_sharded_state_dict_enabled:
+        if dist.get_global_rank() > 0:
+            state_dict.pop("rng")  # as Composer does: rank 0 keeps every rank's RNG state
+        dist_cp.save(
+            state_dict=state_dict,
+            storage_writer=dist_cp.FileSystemWriter(str(Path(path).parent)),
+            planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+            process_group=group,
+        )
+        return str(Path(path).parent)  # the folder is the checkpoint
+    if dist.get_global_rank() == 0:
+        with open(path, "wb") as f:
+            torch.save(state_dict, f)
+        return path
+    return None
 
 
 def _renamed(old_name: str, old_value: Any, new_name: str, new_value: Any) -> Any:

@@ -30,6 +30,7 @@ into ``max_seq_len`` samples; the last partial sample of each split is dropped (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,12 +49,20 @@ import numpy as np
 from composer_shear.data.identity import META_FILE, read_split_meta, tokenizer_identity
 from composer_shear.interface import ModelPathError, fraction, model_path, positive_int, progress
 from composer_shear.output_paths import (
+    RUN_MARKER,
     OutputPathError,
+    check_remote_output,
     check_replaceable,
+    discard_staged,
+    is_remote,
+    publish_staged,
     recover_interrupted,
+    remote_stage,
     replace_dir,
+    run_marker_text,
     staging_dir,
     write_run_marker,
+    write_text_output,
 )
 
 __all__ = [
@@ -67,6 +77,7 @@ __all__ = [
 
 SPLITS = ("train", "eval")
 SUMMARY_FILE = "summary.json"
+KEY = "tokenize OUT"  # names the output in messages
 # Content hash of each shard, recorded in index.json (a fast non-cryptographic hash).
 SHARD_HASHES = ("xxh3_64",)
 FORMAT_VERSION = 1
@@ -284,15 +295,20 @@ def _write_split(
     vocab_size: int,
     eos_id: int,
     meta: dict[str, Any],
+    remote: str | None = None,
 ) -> dict[str, int]:
-    """Tokenizes, concatenates and writes one split; returns its counts."""
+    """Tokenizes, concatenates and writes one split; returns its counts.
+
+    With ``remote`` (an object-store folder), Streaming's writer uploads each shard there as
+    it is finished and removes it from ``out_dir``; the split's metadata follows.
+    """
     from streaming import MDSWriter
 
     np_dtype = np.dtype(dtype)
     buffer: list[int] = []
     counts = {"documents": 0, "samples": 0, "tokens": 0, "dropped_tokens": 0}
     with MDSWriter(
-        out=str(out_dir),
+        out=str(out_dir) if remote is None else (str(out_dir), remote),
         columns={"tokens": f"ndarray:{dtype}:{max_seq_len}"},
         compression=None,
         hashes=list(SHARD_HASHES),  # recorded in index.json; `verify_hashes` checks them
@@ -311,8 +327,11 @@ def _write_split(
                 counts["samples"] += 1
                 counts["tokens"] += max_seq_len
     counts["dropped_tokens"] = len(buffer)
-    with open(out_dir / META_FILE, "w", encoding="utf-8") as f:
-        json.dump({**meta, **counts}, f, indent=2)
+    text = json.dumps({**meta, **counts}, indent=2)
+    if remote is None:
+        (out_dir / META_FILE).write_text(text, encoding="utf-8")
+    else:
+        write_text_output(f"{remote}/{META_FILE}", text, KEY)
     return counts
 
 
@@ -331,12 +350,16 @@ def prepare_domains(
     """Tokenizes raw text per domain into MDS shards ``out_dir/<domain>/{train,eval}``.
 
     The output is written to a temporary folder next to ``out_dir`` and renamed into place
-    at the end, so a failure never leaves a half-written ``out_dir``.
+    at the end, so a failure never leaves a half-written ``out_dir``. An object-store
+    ``out_dir`` (``s3://bucket/data``) gets each shard uploaded as it is written, to a staging
+    sibling that is published at the end (:func:`~composer_shear.output_paths.upload_dir`'s
+    rules): local disk holds one shard at a time.
 
     Args:
         input_dir: Folder with one subfolder per domain, or one JSONL file with a ``domain``
             field per line.
-        out_dir: Output folder (must not exist unless ``overwrite``).
+        out_dir: Output folder, local or an object-store URI (must be absent or empty unless
+            ``overwrite``).
         tokenizer: A Hugging Face tokenizer, or a path/name for ``AutoTokenizer``; use the
             tokenizer of the model to prune.
         max_seq_len: Tokens per sample.
@@ -362,13 +385,17 @@ def prepare_domains(
         raise DataPrepError(f"max_seq_len must be positive, got {max_seq_len}")
     if not 0.0 <= eval_fraction < 1.0:
         raise DataPrepError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    out_path = Path(out_dir).resolve()
-    for line in recover_interrupted(out_path):
-        print(line, file=sys.stderr)
+    remote = str(out_dir).rstrip("/") if is_remote(out_dir) else None
+    out_path = None if remote else Path(out_dir).resolve()
     try:
         # An existing folder is replaced only if an earlier tokenize (or another of our
         # commands) wrote it: a folder of someone else's files is never deleted.
-        check_replaceable(out_path, "tokenize OUT", overwrite)
+        if remote is not None:
+            check_remote_output(remote, KEY, overwrite)
+        else:
+            for line in recover_interrupted(out_path):
+                print(line, file=sys.stderr)
+            check_replaceable(out_path, KEY, overwrite)
     except OutputPathError as error:
         raise DataPrepError(str(error)) from error
 
@@ -397,48 +424,89 @@ def prepare_domains(
         **tokenizer_identity(tok),
         "tokenizer": getattr(tok, "name_or_path", None) or str(tokenizer),
     }
-    tmp = staging_dir(out_path)
     summary: dict[str, Any] = {**meta_base, "seed": seed, "eval_fraction": eval_fraction}
     summary["domains"] = {}
     try:
-        for domain, splits in documents.items():
-            summary["domains"][domain] = {}
-            for split in SPLITS:
-                start = time.perf_counter()
-                counts = _write_split(
-                    tmp / domain / split,
-                    tok,
-                    progress(splits[split], desc=f"{domain}/{split}", unit="doc", enabled=verbose),
-                    max_seq_len,
-                    dtype,
-                    vocab_size,
-                    eos_id,
-                    {**meta_base, "domain": domain, "split": split},
-                )
-                if counts["samples"] == 0:
-                    raise DataPrepError(
-                        f"domain {domain!r}, {split}: only {counts['dropped_tokens']} tokens, "
-                        f"fewer than one {max_seq_len}-token sample"
-                    )
-                summary["domains"][domain][split] = counts
-                log(
-                    f"  {domain}/{split}: {counts['documents']:,} docs -> "
-                    f"{counts['samples']:,} samples ({time.perf_counter() - start:.1f} s)"
-                )
-        with open(tmp / SUMMARY_FILE, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-        write_run_marker(tmp, "composer-shear tokenize")
-        replace_dir(tmp, out_path)
+        staged = None if remote is None else remote_stage(remote, KEY)
     except OutputPathError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataPrepError(str(error)) from error
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    scratch = (
+        contextlib.nullcontext(None)
+        if remote is None
+        else tempfile.TemporaryDirectory(prefix="composer_shear_tokenize_")
+    )
+    with scratch as local:
+        tmp = staging_dir(out_path) if out_path is not None else Path(local)
+        try:
+            _tokenize_domains(
+                documents, tmp, staged, tok, max_seq_len, dtype, vocab_size, eos_id, meta_base,
+                summary, verbose, log,
+            )  # fmt: skip
+            text = json.dumps(summary, indent=2)
+            if staged is None:
+                (tmp / SUMMARY_FILE).write_text(text, encoding="utf-8")
+                write_run_marker(tmp, "composer-shear tokenize")
+                replace_dir(tmp, out_path)
+            else:
+                write_text_output(f"{staged}/{SUMMARY_FILE}", text, KEY)
+                write_text_output(
+                    f"{staged}/{RUN_MARKER}", run_marker_text("composer-shear tokenize"), KEY
+                )
+                publish_staged(staged, remote, KEY)
+        except BaseException as error:
+            if staged is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                discard_staged(staged, remote, KEY)
+            if isinstance(error, OutputPathError):
+                raise DataPrepError(str(error)) from error
+            raise
     if verbose:
         print(format_summary(summary))
-        print(f"wrote {out_path}")
+        print(f"wrote {remote or out_path}")
     return summary
+
+
+def _tokenize_domains(
+    documents: dict[str, dict[str, list[str]]],
+    tmp: Path,
+    staged: str | None,
+    tok: Any,
+    max_seq_len: int,
+    dtype: str,
+    vocab_size: int,
+    eos_id: int,
+    meta_base: dict[str, Any],
+    summary: dict[str, Any],
+    verbose: bool,
+    log: Callable[..., None],
+) -> None:
+    """Writes every domain and split under ``tmp`` (shards uploaded to ``staged`` if given)."""
+    for domain, splits in documents.items():
+        summary["domains"][domain] = {}
+        for split in SPLITS:
+            start = time.perf_counter()
+            counts = _write_split(
+                tmp / domain / split,
+                tok,
+                progress(splits[split], desc=f"{domain}/{split}", unit="doc", enabled=verbose),
+                max_seq_len,
+                dtype,
+                vocab_size,
+                eos_id,
+                {**meta_base, "domain": domain, "split": split},
+                remote=None if staged is None else f"{staged}/{domain}/{split}",
+            )
+            if counts["samples"] == 0:
+                raise DataPrepError(
+                    f"domain {domain!r}, {split}: only {counts['dropped_tokens']} tokens, "
+                    f"fewer than one {max_seq_len}-token sample"
+                )
+            summary["domains"][domain][split] = counts
+            log(
+                f"  {domain}/{split}: {counts['documents']:,} docs -> "
+                f"{counts['samples']:,} samples ({time.perf_counter() - start:.1f} s)"
+            )
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -467,7 +535,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input", help="folder with one subfolder per domain, or a JSONL file with 'domain'"
     )
-    parser.add_argument("out", help="output folder: OUT/<domain>/{train,eval}")
+    parser.add_argument(
+        "out", help="output folder, local or s3://... (written OUT/<domain>/{train,eval})"
+    )
     parser.add_argument(
         "--tokenizer", required=True, help="tokenizer directory or hub id (the model to prune)"
     )

@@ -9,13 +9,20 @@ it claims to come from is an error, never a silent random init.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import itertools
 import json
+import mmap
+import os
 import pickle
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.torch_version import TorchVersion
 
-from composer_shear.export.surgery import PruningPlan, plan_pruning, prune_model
+from composer_shear.export.surgery import PruningPlan, plan_pruning, pruned_skeleton
 from composer_shear.export.units import (
     KeptUnitsError,
     compare_kept_units,
@@ -40,6 +47,7 @@ from composer_shear.export.units import (
 from composer_shear.export.writer import (
     DTYPES,
     ExportError,
+    StreamedModel,
     check_out_dir,
     provenance,
     write_hf_directory,
@@ -59,6 +67,9 @@ from composer_shear.shape import ModelShape
 __all__ = [
     "ExportError",
     "ExportSummary",
+    "ShardedTensor",
+    "TensorReader",
+    "checkpoint_tensors",
     "export_checkpoint",
     "export_model",
     "fetch_checkpoint",
@@ -110,6 +121,10 @@ def _export_info(plan: PruningPlan, source: ModelShape) -> dict[str, Any]:
     }
 
 
+# Reads one source tensor by its state-dict key; what it read is released on exit.
+TensorReader = Callable[[str], AbstractContextManager[torch.Tensor]]
+
+
 def export_model(
     hf_model: nn.Module,
     out_dir: str | Path,
@@ -117,18 +132,27 @@ def export_model(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     source: str | Path | None = None,
+    weights: TensorReader | None = None,
     info: dict[str, Any] | None = None,
 ) -> ExportSummary:
     """Slices a gated Hugging Face model and writes the compact model to ``out_dir``.
 
+    The compact model is never built whole: each of its tensors is cut from the source
+    tensor (:class:`~composer_shear.export.surgery.TensorCut`), cast, checked and written
+    on its own, so the memory held beyond the source is a few tensors.
+
     Args:
-        hf_model: A HF causal LM carrying gates (not FSDP-sharded: gather first).
+        hf_model: A HF causal LM carrying gates (not FSDP-sharded: gather first). With
+            ``weights``, only its config, module names and gates are used (its parameters may
+            live on ``meta``).
         out_dir: Output directory.
         tokenizer: Tokenizer to save beside the weights.
         overwrite: Replace a non-empty ``out_dir``.
         dtype: Dtype of the written weights (default: the model's).
         source: What the model came from (a checkpoint path or URI), for the export record;
             default: the source model the config names.
+        weights: Reads a source tensor by its key in ``hf_model.state_dict()`` (a
+            checkpoint's, memory-mapped or read on demand); default: ``hf_model``'s own.
         info: Entries that replace or extend the export info (e.g. how the units were
             chosen, from the algorithm that chose them).
     """
@@ -142,12 +166,23 @@ def export_model(
     # The config of the gated model is the source's: hash it before slicing changes nothing.
     name = getattr(hf_model.config, "_name_or_path", None) or None
     info["provenance"] = provenance(source or name, hf_model.config)
-    compact = prune_model(hf_model, gates, plan)
-    if dtype is not None:
-        compact = compact.to(dtype)
-        compact.config.torch_dtype = dtype
+    compact, cuts = pruned_skeleton(hf_model, plan)
+    dtype = dtype or compact.config.torch_dtype
+    compact = compact.to(dtype)  # parameters on meta: only the dtype to write changes
+    compact.config.torch_dtype = dtype
+    if weights is None:
+        state = hf_model.state_dict()
+
+        def weights(key: str) -> AbstractContextManager[torch.Tensor]:
+            return contextlib.nullcontext(state[key])
+
+    def tensor(key: str) -> torch.Tensor:
+        cut = cuts[key]
+        with weights(cut.source) as source_tensor:
+            return cut.apply(source_tensor)
+
     written = write_hf_directory(
-        compact,
+        StreamedModel(compact, tensor),
         out_dir,
         tokenizer,
         overwrite,
@@ -277,27 +312,66 @@ class _SafeBytesLoadPlanner(DefaultLoadPlanner):
         self.state_dict[read_item.dest_index.fqn] = obj
 
 
+@dataclass
+class ShardedTensor:
+    """A tensor of a sharded (DCP) checkpoint, read from its shards only when asked for.
+
+    Attributes:
+        reader: The checkpoint folder's DCP reader.
+        fqn: The tensor's key in the checkpoint.
+        shape: Its shape.
+        dtype: Its dtype.
+        trust: Whether the checkpoint's pickles are trusted.
+    """
+
+    reader: FileSystemReader
+    fqn: str
+    shape: torch.Size
+    dtype: torch.dtype
+    trust: bool = False
+
+    # One DCP read at a time: the export's worker threads share the reader.
+    lock = threading.Lock()
+
+    def load(self) -> torch.Tensor:
+        """Reads the tensor into fresh memory, straight from the shards that hold it."""
+        with self.lock:
+            wanted = {self.fqn: torch.empty(self.shape, dtype=self.dtype)}
+            dcp_load(
+                wanted,
+                storage_reader=self.reader,
+                planner=_SafeBytesLoadPlanner(self.trust),
+                no_dist=True,
+            )
+        return wanted[self.fqn]
+
+
 def _load_sharded(path: Path, trust: bool) -> dict[str, Any]:
     """Reads the model, HF and algorithm entries of a sharded (DCP) checkpoint folder.
 
-    Shard by shard through DCP's reader, straight into tensors of the right size: no
-    consolidated temporary file, and the optimizer state is never read.
+    The model's tensors become :class:`ShardedTensor` entries, read one at a time from the
+    shards by the export (no consolidated temporary file, never the whole model in memory);
+    the optimizer state is never read.
     """
     reader = FileSystemReader(str(path))
     metadata = reader.read_metadata()
     paths = metadata.planner_data or {}
     wanted: dict[str, Any] = {}
+    lazy: dict[str, ShardedTensor] = {}
     for fqn, entry in metadata.state_dict_metadata.items():
         where = tuple(paths.get(fqn, tuple(fqn.split("."))))
         if not any(where[: len(key)] == key for key in EXPORT_KEYS):
             continue
         if isinstance(entry, TensorStorageMetadata):
-            wanted[fqn] = torch.empty(entry.size, dtype=entry.properties.dtype)
+            if where[:2] == ("state", "model"):
+                lazy[fqn] = ShardedTensor(reader, fqn, entry.size, entry.properties.dtype, trust)
+            else:
+                wanted[fqn] = torch.empty(entry.size, dtype=entry.properties.dtype)
         else:
             wanted[fqn] = None  # an object, filled in by the planner
     dcp_load(wanted, storage_reader=reader, planner=_SafeBytesLoadPlanner(trust), no_dist=True)
     checkpoint: dict[str, Any] = {}
-    for fqn, value in wanted.items():
+    for fqn, value in [*wanted.items(), *lazy.items()]:
         _set_nested(checkpoint, tuple(paths.get(fqn, tuple(fqn.split(".")))), value)
     return checkpoint
 
@@ -326,7 +400,8 @@ def load_composer_checkpoint(path: str | Path, trust_checkpoint: bool = False) -
     """Reads a Composer checkpoint file, checkpoint folder, or sharded checkpoint folder.
 
     The file is memory-mapped, so tensors that are never used (optimizer state) are never
-    read, and unpickled with ``weights_only=True`` plus an allow-list of the types Composer
+    read (a sharded checkpoint's model tensors are :class:`ShardedTensor` entries, read on
+    demand), and unpickled with ``weights_only=True`` plus an allow-list of the types Composer
     checkpoints hold, so a crafted file cannot run code, unless ``trust_checkpoint``.
 
     Args:
@@ -355,7 +430,69 @@ def load_composer_checkpoint(path: str | Path, trust_checkpoint: bool = False) -
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state"), dict):
         raise ExportError(f"{path} is not a Composer checkpoint (no 'state' dict).")
     checkpoint["_path"] = str(path)
+    if path.is_file():
+        checkpoint["_mapped"] = _mapped_ranges(path)
     return checkpoint
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps the file ``path`` (Linux; else none)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+        inode = os.stat(path).st_ino
+    except OSError:
+        return []
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] == str(inode) and Path(fields[5]) == path.resolve():
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def _release_mapped(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Drops the resident pages of a memory-mapped checkpoint tensor from this process.
+
+    Pages of a read-only file mapping that were read count in the resident set until the
+    process lets go of them; reading the whole source would otherwise hold it all. The
+    data stays in the file (a later read faults it in again). Only pages wholly inside the
+    tensor and inside a mapping of the checkpoint file are released, never anonymous memory.
+    """
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if not any(low <= start and end <= high for low, high in ranges):
+        return
+    page = mmap.PAGESIZE
+    low, high = -(-start // page) * page, end // page * page
+    if high > low:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), MADV_DONTNEED)
+
+
+def checkpoint_tensors(checkpoint: dict[str, Any]) -> TensorReader:
+    """Reads the checkpoint's model tensors one at a time, by their key in the HF model.
+
+    A memory-mapped tensor's pages are released once the reader's context exits; a sharded
+    checkpoint's tensor is read from its shards into memory that is dropped on exit.
+    """
+    weights = _model_weights(checkpoint)
+    ranges = checkpoint.get("_mapped") or []
+
+    @contextlib.contextmanager
+    def read(key: str) -> Iterator[torch.Tensor]:
+        value = weights[key]
+        tensor = value.load() if isinstance(value, ShardedTensor) else value
+        try:
+            yield tensor
+        finally:
+            if ranges:
+                _release_mapped(tensor, ranges)
+
+    return read
 
 
 def _pruning_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -396,19 +533,32 @@ def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -
         )
 
 
-def gated_model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
-    """Rebuilds the gated Hugging Face model of a checkpoint, loading every tensor strictly."""
-    from composer.models.huggingface import get_hf_config_from_composer_state_dict
-
-    pruning = _pruning_state(checkpoint)
-    _hf_state(checkpoint)
-    config = get_hf_config_from_composer_state_dict(checkpoint)
+def _model_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model tensors keyed as the HF model's state dict (gates included)."""
     model_state = checkpoint["state"].get("model") or {}
     if not all(key.startswith(MODEL_PREFIX) for key in model_state):
         raise ExportError("Unexpected model state layout (keys without the 'model.' prefix).")
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in model_state.items()}
     if not any(k.startswith(f"{GATES_ATTR}.") for k in weights):
         raise ExportError(f"{checkpoint['_path']} holds no gate parameters.")
+    return weights
+
+
+def gated_model_from_checkpoint(checkpoint: dict[str, Any], load: bool = True) -> nn.Module:
+    """Rebuilds the gated Hugging Face model of a checkpoint, every tensor checked strictly.
+
+    Args:
+        checkpoint: A :func:`load_composer_checkpoint` result.
+        load: Load the model's weights; False leaves them on ``meta`` (checked against the
+            checkpoint's names and shapes, not read: :func:`checkpoint_tensors` reads them)
+            and loads the gates only.
+    """
+    from composer.models.huggingface import get_hf_config_from_composer_state_dict
+
+    pruning = _pruning_state(checkpoint)
+    _hf_state(checkpoint)
+    config = get_hf_config_from_composer_state_dict(checkpoint)
+    weights = _model_weights(checkpoint)
     # Mask-only runs (freeze_weights) export the source weights cut at the learned units,
     # with no gate value folded in: the gates are rebuilt binary, as they were in the run.
     return gated_model_from_weights(
@@ -417,7 +567,29 @@ def gated_model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
         pruning["target_shape"],
         seed=pruning.get("seed", 0),
         binary=bool(pruning.get("freeze_weights", False)),
+        load=load,
     )
+
+
+def _check_weights(model: nn.Module, weights: dict[str, Any], what: str) -> None:
+    """The checks of :func:`_strict_load` on names and shapes only (nothing is read)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [
+        f"size mismatch for {k}: {tuple(weights[k].shape)} in the checkpoint, "
+        f"{tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        raise ExportError(
+            f"The checkpoint's {what} does not match the model it claims to come from: "
+            + "; ".join(wrong[:5])
+            + (" " if wrong else "")
+            + f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
+        )
 
 
 def gated_model_from_weights(
@@ -426,6 +598,7 @@ def gated_model_from_weights(
     target_shape: dict[str, int],
     seed: int = 0,
     binary: bool = False,
+    load: bool = True,
 ) -> nn.Module:
     """Builds the gated Hugging Face model of ``config`` from a full state dict, strictly.
 
@@ -437,6 +610,9 @@ def gated_model_from_weights(
         seed: Seed of the gates' initial noise (irrelevant: every gate tensor is loaded).
         binary: 0/1 deterministic gates, nothing folded at export (a mask-only run's gates,
             ``targeted_pruning`` ``freeze_weights``).
+        load: Load the weights; False checks their names and shapes and leaves the model's
+            parameters on ``meta`` in the weights' dtype (the gates are loaded either way).
+            Values may then be :class:`ShardedTensor` entries.
 
     Raises:
         ExportError: A tensor is missing, unexpected or of the wrong shape.
@@ -445,7 +621,11 @@ def gated_model_from_weights(
     from transformers import AutoModelForCausalLM
 
     gate_prefix = f"{GATES_ATTR}."
-    gate_state = {k[len(gate_prefix) :]: v for k, v in weights.items() if k.startswith(gate_prefix)}
+    gate_state = {
+        k[len(gate_prefix) :]: v.load() if isinstance(v, ShardedTensor) else v
+        for k, v in weights.items()
+        if k.startswith(gate_prefix)
+    }
     weights = {k: v for k, v in weights.items() if not k.startswith(gate_prefix)}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
@@ -457,7 +637,14 @@ def gated_model_from_weights(
         head_key = f"{names[family.lm_head_module(model)]}.weight"
         if head_key not in weights and embed_key in weights:
             weights[head_key] = weights[embed_key]
-    _strict_load(model, weights, "model weights")
+    if load:
+        weights = {k: v.load() if isinstance(v, ShardedTensor) else v for k, v in weights.items()}
+        _strict_load(model, weights, "model weights")
+    else:
+        _check_weights(model, weights, "model weights")
+        some = next(iter(weights.values()), None)
+        if some is not None:
+            model = model.to(some.dtype)  # on meta: only the dtype the export starts from
     if config.tie_word_embeddings:
         model.tie_weights()
     # The initial values do not matter: every gate tensor is overwritten by the strict load.
@@ -502,7 +689,10 @@ def export_checkpoint(
         tokenizer_dir = Path(scratch) / "tokenizer"
         tokenizer_dir.mkdir()
         tokenizer = _tokenizer(checkpoint, tokenizer_path, str(tokenizer_dir))
-        model = gated_model_from_checkpoint(checkpoint)
+        # The weights stay in the file (or the shards): the model is a meta skeleton with its
+        # gates, and the export cuts one tensor at a time from the checkpoint.
+        model = gated_model_from_checkpoint(checkpoint, load=False)
+        weights = checkpoint_tensors(checkpoint)
         del checkpoint
         if dtype == "auto":
             torch_dtype = getattr(model.config, "torch_dtype", None)
@@ -512,7 +702,13 @@ def export_checkpoint(
         else:
             torch_dtype = DTYPES[dtype]
         summary = export_model(
-            model, out_dir, tokenizer, overwrite, dtype=torch_dtype, source=str(checkpoint_path)
+            model,
+            out_dir,
+            tokenizer,
+            overwrite,
+            dtype=torch_dtype,
+            source=str(checkpoint_path),
+            weights=weights,
         )
     summary.seconds = time.perf_counter() - start
     return summary

@@ -11,7 +11,6 @@ result computes what the masked model computes in eval mode.
 from __future__ import annotations
 
 import copy
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,10 +24,13 @@ from composer_shear.shape import ModelShape
 
 __all__ = [
     "PruningPlan",
+    "TensorCut",
     "plan_from_masks",
     "plan_pruning",
     "prune_model",
     "pruned_config",
+    "pruned_skeleton",
+    "tied_keys",
 ]
 
 
@@ -193,17 +195,6 @@ def _fold(weight: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
     return scaled.to(weight.dtype)
 
 
-def _slice(
-    weight: torch.Tensor,
-    rows: torch.Tensor | None,
-    cols: torch.Tensor,
-    col_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``weight[rows][:, cols]``, columns then scaled by ``col_scale`` (folded gate values)."""
-    out = _cols(weight if rows is None else _rows(weight, rows), cols)
-    return out if col_scale is None else _fold(out, col_scale, dim=1)
-
-
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row indices of a q/k/v projection for the given heads."""
     return (heads.unsqueeze(-1) * head_dim + torch.arange(head_dim)).flatten()
@@ -215,35 +206,83 @@ def _fold_into_norm(weight: torch.Tensor, scale: torch.Tensor, offset: float) ->
     return folded.to(weight.dtype)
 
 
-@torch.no_grad()
-def _pruned_state_dict(
-    model: nn.Module, compact: nn.Module, plan: PruningPlan, family: DecoderFamily
-) -> dict[str, torch.Tensor]:
-    """Sliced and folded tensors, keyed like ``compact``'s state dict.
+@dataclass(frozen=True)
+class TensorCut:
+    """How one tensor of the compact model is cut from one tensor of the source model.
 
-    The keys are the names of ``compact``'s own modules (the family finds the modules in
-    both models), so no state-dict key is spelled out here.
+    Every compact tensor is ``source[rows][:, cols]``, then the folded gate values; the cuts
+    of a model (:func:`pruned_skeleton`) are applied to a live model's tensors
+    (:func:`prune_model`) or to a checkpoint's, one at a time (the streaming export).
+
+    Attributes:
+        source: The source tensor's state-dict key.
+        rows: Indices kept along dim 0, None for all.
+        cols: Indices kept along dim 1, None for all.
+        col_scale: Gate values folded into the kept columns.
+        row_scale: Gate values folded along dim 0 (a branch's output bias).
+        norm_scale: A layer gate value folded into a norm that scales by ``offset + weight``.
+        norm_offset: That norm's weight offset (:attr:`DecoderFamily.norm_weight_offset`).
+    """
+
+    source: str
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    col_scale: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+    norm_scale: torch.Tensor | None = None
+    norm_offset: float = 0.0
+
+    @torch.no_grad()
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """The compact tensor cut from ``weight`` (the source tensor), in fresh storage."""
+        out = weight
+        if self.rows is not None:
+            out = _rows(out, self.rows)
+        if self.cols is not None:
+            out = _cols(out, self.cols)
+        if self.col_scale is not None:
+            out = _fold(out, self.col_scale, dim=1)
+        if self.row_scale is not None:
+            out = _fold(out, self.row_scale, dim=0)
+        if self.norm_scale is not None:
+            out = _fold_into_norm(out, self.norm_scale, self.norm_offset)
+        # Fresh storage always (index_select and folding copy already): the compact tensor
+        # never pins the source's memory, and a memory-mapped source can be released.
+        return weight.detach().clone() if out is weight else out.detach().contiguous()
+
+
+def _tensor_cuts(
+    model: nn.Module, compact: nn.Module, plan: PruningPlan, family: DecoderFamily
+) -> dict[str, TensorCut]:
+    """The cut of every tensor of ``compact``, keyed like its state dict (tied copies left out).
+
+    Only module names are read, so both models may live on ``meta``. The keys are the names
+    of each model's own modules (the family finds the modules in both), so no state-dict key
+    is spelled out here.
     """
     names = {module: name for name, module in compact.named_modules()}
+    source_names = {module: name for name, module in model.named_modules()}
 
     def key(module: nn.Module, param: str = "weight") -> str:
         return f"{names[module]}.{param}" if names[module] else param
 
+    def src(module: nn.Module, param: str = "weight") -> str:
+        name = source_names[module]
+        return f"{name}.{param}" if name else param
+
     hidden = plan.kept_hidden
     head_dim = plan.target.head_dim
-    state: dict[str, torch.Tensor] = {}
-    # The big matrices are gathered on a thread pool (torch releases the GIL): column gathers
-    # are memory-bound and dominate export time.
-    matrices: dict[str, functools.partial] = {}
+    cuts: dict[str, TensorCut] = {}
 
-    embed_key = key(family.embedding(compact))
-    matrices[embed_key] = functools.partial(_slice, family.embedding(model).weight, None, hidden)
-    state[key(family.final_norm_module(compact))] = family.final_norm_module(model).weight[hidden]
+    embedding = family.embedding(model)
+    cuts[key(family.embedding(compact))] = TensorCut(src(embedding), cols=hidden)
+    final_norm = family.final_norm_module(model)
+    cuts[key(family.final_norm_module(compact))] = TensorCut(src(final_norm), rows=hidden)
     lm_head, lm_head_c = family.lm_head_module(model), family.lm_head_module(compact)
     if not plan.target.tie_word_embeddings:
-        matrices[key(lm_head_c)] = functools.partial(_slice, lm_head.weight, None, hidden)
+        cuts[key(lm_head_c)] = TensorCut(src(lm_head), cols=hidden)
     if getattr(lm_head, "bias", None) is not None:
-        state[key(lm_head_c, "bias")] = lm_head.bias.clone()
+        cuts[key(lm_head_c, "bias")] = TensorCut(src(lm_head, "bias"))
 
     layers, layers_c = family.layer_list(model), family.layer_list(compact)
     for new_index, old_index in enumerate(plan.kept_layers):
@@ -260,44 +299,56 @@ def _pruned_state_dict(
         head_scale = plan.head_scale[new_index].repeat_interleave(head_dim) * proj_scale
         inter_scale = plan.intermediate_scale[new_index] * proj_scale
 
-        for src, dst, rows in (
+        for source, dst, rows in (
             (mods.q_proj, out.q_proj, q_rows),
             (mods.k_proj, out.k_proj, kv_rows),
             (mods.v_proj, out.v_proj, kv_rows),
+            (mods.gate_proj, out.gate_proj, inter),
+            (mods.up_proj, out.up_proj, inter),
         ):
-            matrices[key(dst)] = functools.partial(_slice, src.weight, rows, hidden)
-            if src.bias is not None:
-                state[key(dst, "bias")] = _rows(src.bias, rows)
-        for src, dst in ((mods.gate_proj, out.gate_proj), (mods.up_proj, out.up_proj)):
-            matrices[key(dst)] = functools.partial(_slice, src.weight, inter, hidden)
-            if src.bias is not None:
-                state[key(dst, "bias")] = _rows(src.bias, inter)
-        for src, dst, cols, col_scale in (
+            cuts[key(dst)] = TensorCut(src(source), rows=rows, cols=hidden)
+            if source.bias is not None:
+                cuts[key(dst, "bias")] = TensorCut(src(source, "bias"), rows=rows)
+        for source, dst, cols, col_scale in (
             (mods.o_proj, out.o_proj, q_rows, head_scale),
             (mods.down_proj, out.down_proj, inter, inter_scale),
         ):
-            matrices[key(dst)] = functools.partial(_slice, src.weight, hidden, cols, col_scale)
-            if src.bias is not None:
-                state[key(dst, "bias")] = _fold(src.bias[hidden], proj_scale[None], 0)
+            cuts[key(dst)] = TensorCut(src(source), rows=hidden, cols=cols, col_scale=col_scale)
+            if source.bias is not None:
+                cuts[key(dst, "bias")] = TensorCut(
+                    src(source, "bias"), rows=hidden, row_scale=proj_scale[None]
+                )
 
-        for src, dst in zip(mods.stream_norms, out.stream_norms, strict=True):
-            state[key(dst)] = src.weight[hidden]
-        for src, dst in zip(mods.branch_norms, out.branch_norms, strict=True):
-            weight = src.weight[hidden]
-            if not bool(layer_scale == 1):  # no layer gate: exact copy, no rounding
-                weight = _fold_into_norm(weight, layer_scale, family.norm_weight_offset)
-            state[key(dst)] = weight
+        for source, dst in zip(mods.stream_norms, out.stream_norms, strict=True):
+            cuts[key(dst)] = TensorCut(src(source), rows=hidden)
+        for source, dst in zip(mods.branch_norms, out.branch_norms, strict=True):
+            folded = not bool(layer_scale == 1)  # no layer gate: exact copy, no rounding
+            cuts[key(dst)] = TensorCut(
+                src(source),
+                rows=hidden,
+                norm_scale=layer_scale if folded else None,
+                norm_offset=family.norm_weight_offset,
+            )
         # Per-head norms act on head_dim, which pruning keeps: copied whole.
-        for src, dst in zip(mods.head_norms, out.head_norms, strict=True):
-            state[key(dst)] = src.weight.clone()
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        gathered = pool.map(lambda job: job(), matrices.values())
-        state.update(zip(matrices, gathered, strict=True))
-    if plan.target.tie_word_embeddings:
-        state[key(lm_head_c)] = state[embed_key]
-    # Every entry is fresh storage already (index_select / fancy indexing / folding copy), so
-    # the compact model never pins the source model's memory and nothing is copied twice.
-    return {name: value.detach().contiguous() for name, value in state.items()}
+        for source, dst in zip(mods.head_norms, out.head_norms, strict=True):
+            cuts[key(dst)] = TensorCut(src(source))
+    return cuts
+
+
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    """State-dict keys of ``model`` that repeat an earlier key's tensor: tied -> first key.
+
+    What ``save_pretrained`` leaves out of the files (``_tied_weights_keys``, the output
+    embedding of a tied model), decided by the tensor identity in ``model``.
+    """
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return tied
 
 
 def _empty_model(config: PretrainedConfig) -> PreTrainedModel:
@@ -308,6 +359,37 @@ def _empty_model(config: PretrainedConfig) -> PreTrainedModel:
     # No random init either: every parameter is replaced by a sliced tensor right after.
     with init_empty_weights(include_buffers=False), no_init_weights():
         return AutoModelForCausalLM.from_config(config)
+
+
+def pruned_skeleton(
+    model: PreTrainedModel, plan: PruningPlan
+) -> tuple[PreTrainedModel, dict[str, TensorCut]]:
+    """The compact model with its parameters on ``meta``, and how each of its tensors is cut.
+
+    Only ``model``'s config and module names are read (it may live on ``meta`` too): a
+    checkpoint's tensors can then be cut one at a time, straight into the output files.
+
+    Args:
+        model: The source Hugging Face causal LM.
+        plan: What to keep (:func:`plan_pruning` or :func:`plan_from_masks`).
+
+    Returns:
+        The compact model (config of the target shape, tied weights tied, the source's
+        generation config, eval mode; ``config.torch_dtype`` is the source's, the ``meta``
+        parameters are float32 until filled or cast) and its :class:`TensorCut` per state-dict key,
+        tied copies left out (:func:`tied_keys`).
+    """
+    family = get_family(model)
+    config = pruned_config(model.config, plan, family)
+    dtype = family.embedding(model).weight.dtype
+    compact = _empty_model(config)
+    if config.tie_word_embeddings:
+        compact.tie_weights()
+    cuts = _tensor_cuts(model, compact, plan, family)
+    compact.config.torch_dtype = dtype
+    if getattr(model, "generation_config", None) is not None:
+        compact.generation_config = copy.deepcopy(model.generation_config)
+    return compact.eval(), cuts
 
 
 @torch.no_grad()
@@ -331,17 +413,18 @@ def prune_model(
         if gates is None:
             raise ValueError("The model carries no pruning gates and no plan; nothing to slice.")
         plan = plan_pruning(gates)
-    family = get_family(model)
-    config = pruned_config(model.config, plan, family)
-    compact = _empty_model(config)
-    state = _pruned_state_dict(model, compact, plan, family)
+    compact, cuts = pruned_skeleton(model, plan)
+    source = model.state_dict()
+    # The big matrices are gathered on a thread pool (torch releases the GIL): column gathers
+    # are memory-bound and dominate the time.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        gathered = pool.map(lambda cut: cut.apply(source[cut.source]), cuts.values())
+        state = dict(zip(cuts, gathered, strict=True))
+    for key, tied_to in tied_keys(compact).items():
+        state[key] = state[tied_to]
     # Strict: every tensor of the compact model must come from the source model.
     compact.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if compact.config.tie_word_embeddings:
         compact.tie_weights()
-    dtype = family.embedding(model).weight.dtype
-    compact.config.torch_dtype = dtype
-    if getattr(model, "generation_config", None) is not None:
-        compact.generation_config = copy.deepcopy(model.generation_config)
     assert not hasattr(compact, GATES_ATTR)
     return compact.eval()
