@@ -641,27 +641,45 @@ def cell_record(bench: Bench, cell: Cell, **fields: Any) -> dict[str, Any]:
 
 
 def run_method(
-    bench: Bench, name: str, seed: int, steps: int, prune_only: bool = False
+    bench: Bench,
+    name: str,
+    seed: int,
+    steps: int,
+    prune_only: bool = False,
+    pruned_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs one method end to end at a budget of ``steps``; returns its result record.
 
     With ``prune_only``, stops after the pruning stage (or the one-shot cut) and returns the
     model before CPT: its losses, landing, export gap, the units it shares with the one-shot
     cut (pruning routes) and the compute spent so far.
+
+    With ``pruned_record`` (the cell's ``--prune-only`` record, its pruned model still in
+    ``OUT``), CPT starts from that model and the record's pruning-stage figures are kept: the
+    pruning stage is deterministic, so this only saves running it twice.
     """
     cell = plan_cell(bench.cfg, name, seed, steps)
     run_dir = cell.run_dir(bench)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    start = time.perf_counter()
-    pruned = run_pruning(bench, cell) if cell.route in PRUNING_ROUTES else run_oneshot(bench, cell)
-    times = {"prune": time.perf_counter() - start}
-    check_hf_dir(pruned)
-    before = None if cell.route == "scratch" else evaluate(pruned, bench.data, bench.cfg)
-    stage: dict[str, Any] = {"landing": None, "hardening": None, "export_gap": None}
-    stage["units_shared_with_oneshot"] = None  # what a one-shot cut shares with itself
-    if cell.route in PRUNING_ROUTES:
-        stage = pruning_record(bench, cell, pruned, before)
+    stage_keys = ("landing", "hardening", "export_gap", "units_shared_with_oneshot")
+    if pruned_record is not None:
+        pruned = run_dir / "models" / "pruned"
+        check_hf_dir(pruned)
+        shutil.rmtree(run_dir / "models" / "cpt", ignore_errors=True)
+        times = {"prune": pruned_record["seconds"]["prune"]}
+        before = pruned_record["before_cpt"]
+        stage = {key: pruned_record.get(key) for key in stage_keys}
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        start = time.perf_counter()
+        route = cell.route in PRUNING_ROUTES
+        pruned = run_pruning(bench, cell) if route else run_oneshot(bench, cell)
+        times = {"prune": time.perf_counter() - start}
+        check_hf_dir(pruned)
+        before = None if cell.route == "scratch" else evaluate(pruned, bench.data, bench.cfg)
+        stage = dict.fromkeys(stage_keys)  # a one-shot cut shares all its units with itself
+        if cell.route in PRUNING_ROUTES:
+            stage = pruning_record(bench, cell, pruned, before)
     flops = {"source": flop_params(bench.source), "target": flop_params(pruned)}
     if prune_only:
         record = cell_record(bench, cell, before_cpt=before, flop_params=flops, **stage)
@@ -687,6 +705,8 @@ def run_method(
         flop_params=flops, downstream=downstream, **stage,
     )  # fmt: skip
     record["train_flops"] = point_flops(record, sum(record["tokens"].values()))
+    if pruned_record is not None:
+        record["pruning_stage_from"] = "prune_only"
     return record
 
 
@@ -753,7 +773,14 @@ def run_cells(
     for seed, name, path in pending_cells(folder, seeds, methods, args.force):
         label = bench.cfg["methods"][name].get("label", name)
         log(f"{name} (seed {seed}): {'pruning stage only' if args.prune_only else label}")
-        record = run_method(bench, name, seed, steps, prune_only=args.prune_only)
+        pruned_record = None
+        reusable = folder / "prune_only" / path.name
+        if args.reuse_pruning and not args.prune_only and reusable.is_file():
+            pruned_record = json.loads(reusable.read_text())
+            log(f"  [{name}] CPT from the pruned model of {reusable}")
+        record = run_method(
+            bench, name, seed, steps, prune_only=args.prune_only, pruned_record=pruned_record
+        )
         path.write_text(json.dumps(record, indent=2))
         if args.prune_only:
             write_prune_only(folder)
@@ -790,6 +817,12 @@ def main() -> int:
         action="store_true",
         help="stop each method before CPT: the pruned model's losses, landing and the units it "
         "shares with the one-shot cut (RESULTS/prune_only/)",
+    )
+    parser.add_argument(
+        "--reuse-pruning",
+        action="store_true",
+        help="a cell run with --prune-only before (its record in RESULTS/prune_only/, its "
+        "pruned model still in OUT) goes on to CPT from that model instead of pruning again",
     )
     parser.add_argument(
         "--downstream",
