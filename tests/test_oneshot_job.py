@@ -22,18 +22,18 @@ from composer_shear.export.oneshot import prune_oneshot_to_dir
 from composer_shear.export.oneshot_job import OneshotPruning
 from composer_shear.export.units import read_kept_units
 from composer_shear.pruning.masking import GATES_ATTR
-from tests.pruning_helpers import REPO, composer_launch, gates_of, make_tiny_run_inputs
+from tests.pruning_helpers import (
+    FAMILY_TARGETS,
+    REPO,
+    composer_launch,
+    gates_of,
+    make_tiny_run_inputs,
+)
 
 ONESHOT_YAML = REPO / "yamls" / "tests" / "oneshot_tiny.yaml"
 KEY = "algorithms.oneshot_pruning"
-# What yamls/tests/oneshot_tiny.yaml sets: the CLI gets the same.
-TARGET = dict(
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    intermediate_size=48,
-    hidden_size=48,
-)
+# What yamls/tests/oneshot_tiny.yaml sets (the tiny GQA Llama's target): the CLI gets the same.
+TARGET = dict(FAMILY_TARGETS["llama_gqa"])
 SEQ_LEN, BATCH, TOKENS, SEED = 32, 4, 1024, 3
 
 
