@@ -34,6 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
+from composer_shear.export.search import shapes_to_score
 from composer_shear.families import get_family
 from composer_shear.interface import positive_int
 from composer_shear.shape import ModelShape, ShapeError
@@ -122,6 +123,7 @@ class JobPlan:
     hours: float | None = None
     mfu: float = DEFAULT_MFU
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def memory_total_gib(self) -> float:
@@ -302,10 +304,29 @@ def plan_job(
         pruning = oneshot
     kd = _get(cfg, "algorithms.knowledge_distillation")
     target = model = None
+    notes: list[str] = []
     try:
         if pruning is not None:
             kind, model = ("oneshot" if oneshot is pruning else "prune"), source
-            target = source.resolve_target(pruning.get("target_shape") or {})
+            budget = pruning.get("target_params") if oneshot is pruning else None
+            if budget is not None:
+                # The job searches the shape at FIT_START: plan the largest candidate (the
+                # memory of a one-shot job is the frozen source's; the gates are small).
+                searched = shapes_to_score(
+                    source,
+                    int(float(budget)),
+                    bool(pruning.get("non_embedding", False)),
+                    int(pruning.get("search_candidates", 24)),
+                    width_multiple=int(pruning.get("width_multiple", 64)),
+                    slack=float(pruning.get("budget_slack", 0.03)),
+                )
+                target = searched[0].shape
+                notes.append(
+                    f"target_params {int(float(budget)):,}: the job scores {len(searched)} "
+                    "shapes and cuts the best; the target shown is the largest"
+                )
+            else:
+                target = source.resolve_target(pruning.get("target_shape") or {})
         else:
             kind = "cpt"
             pruned = _get(cfg, "variables.pruned_shape")
@@ -440,6 +461,7 @@ def plan_job(
         peak = GPUS[gpu].bf16_tflops if precision == "amp_bf16" else GPUS[gpu].fp32_tflops
         seconds = plan.flops_per_step * plan.steps / (gpus * peak * 1e12 * mfu)
         plan.hours = seconds / 3600
+    plan.notes = notes
     plan.warnings = size_warnings(model, "model")
     if target is not None:
         plan.warnings += size_warnings(target, "target")
@@ -481,6 +503,7 @@ def render(plan: JobPlan) -> str:
             f"time   : {plan.steps:,} steps = {plan.hours:.1f} h on {plan.gpus} GPUs at "
             f"{plan.mfu:.0%} MFU ({plan.hours * plan.gpus:,.0f} GPU-hours)"
         )
+    lines += [f"note   : {n}" for n in plan.notes]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 

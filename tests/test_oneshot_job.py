@@ -45,20 +45,53 @@ def run_oneshot(model_dir: Path, data_dir: Path, *overrides: str):
     return train_from_yaml(str(ONESHOT_YAML), args)
 
 
-def cli_cut(model_dir: Path, data_dir: Path, out: Path, method: str) -> Path:
-    """``prune-oneshot`` on the job's calibration tokens."""
+def cli_cut(
+    model_dir: Path, data_dir: Path, out: Path, method: str, budget: int | None = None
+) -> Path:
+    """``prune-oneshot`` on the job's calibration tokens (a shape, or :data:`SEARCH`)."""
+    search = {} if budget is None else {"target_params": budget, **SEARCH_CLI}
     summary = prune_oneshot_to_dir(
         model_dir,
         out,
-        TARGET,
+        None if budget is not None else TARGET,
         data=data_dir,
         method=method,
         calibration_tokens=TOKENS,
         max_seq_len=SEQ_LEN,
         batch_size=BATCH,
         seed=SEED,
+        **search,
     )
     return Path(summary.out_dir)
+
+
+# A budget of 70% of the tiny GQA Llama; widths in multiples of 8 (the default 64 is the
+# tiny model's whole hidden size) and 10% slack, so that several depths and widths compete.
+BUDGET_FRACTION = 0.7
+SEARCH_CLI = {"width_multiple": 8, "budget_slack": 0.1}
+SEARCH_OVERRIDES = [
+    f"{KEY}.target_shape=null",
+    f"{KEY}.width_multiple=8",
+    f"{KEY}.budget_slack=0.1",
+]
+
+
+def tiny_budget(model_dir: Path) -> int:
+    source = AutoModelForCausalLM.from_pretrained(model_dir)
+    return int(sum(p.numel() for p in source.parameters()) * BUDGET_FRACTION)
+
+
+def assert_same_search(job: Path, cli: Path) -> None:
+    """The job scored the CLI's candidates, in its order, to the same losses; same winner."""
+    a = json.loads((job / "composer_shear_export.json").read_text())["search"]
+    b = json.loads((cli / "composer_shear_export.json").read_text())["search"]
+    assert len(b) > 3  # several shapes competed
+    assert [row["shape"] for row in a] == [row["shape"] for row in b]
+    for row_a, row_b in zip(a, b, strict=True):
+        # The job scores the masked source, the CLI the cut model: equal up to rounding.
+        assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-4, abs=1e-5)
+    losses = [row["loss"] for row in a]
+    assert losses == sorted(losses) and losses[0] < losses[-1]
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -87,6 +120,15 @@ def test_registered_and_options_checked():
         OneshotPruning(TARGET, calibration_tokens=0)
     algorithm = OneshotPruning(TARGET)
     assert algorithm.freeze_weights and algorithm.eval_at == "target"
+    with pytest.raises(ValueError, match="exactly one of them"):
+        OneshotPruning(TARGET, target_params=1e6)
+    with pytest.raises(ValueError, match="exactly one of them"):
+        OneshotPruning()
+    with pytest.raises(ValueError, match="has none"):
+        OneshotPruning(target_params=1e6, method="random")
+    with pytest.raises(ValueError, match="positive whole number"):
+        OneshotPruning(target_params=-5)
+    assert OneshotPruning(target_params="3.0e9").target_params == 3_000_000_000
 
 
 @pytest.mark.slow
@@ -136,6 +178,53 @@ def test_one_process_job_cuts_what_the_cli_cuts(method, tiny_tokenizer_dir, tmp_
     assert_same_cut(tmp_path / "from_ckpt", export)
 
 
+@pytest.mark.slow
+def test_one_process_job_searches_the_shape_as_the_cli(tiny_tokenizer_dir, tmp_path):
+    """target_params: the CLI's candidates, losses and winner; its export and checkpoint."""
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    budget = tiny_budget(model_dir)
+    export = tmp_path / "job"
+    trainer = run_oneshot(
+        model_dir,
+        data_dir,
+        *SEARCH_OVERRIDES,
+        f"{KEY}.target_params={budget}",
+        f"{KEY}.calibration_tokens={TOKENS}",
+        f"{KEY}.seed={SEED}",
+        f"callbacks.pruned_hf_export.save_folder={export}",
+        f"save_folder={tmp_path}/ckpt",
+        "save_interval=1ba",
+        "save_filename=final.pt",
+    )
+    try:
+        gates = gates_of(trainer)
+        assert gates.hardened and gates.target.num_params() <= budget
+    finally:
+        trainer.close()
+    cli = cli_cut(model_dir, data_dir, tmp_path / "cli", "activation", budget)
+    assert_same_search(export, cli)
+    assert_same_cut(export, cli)
+    info = json.loads((export / "composer_shear_export.json").read_text())
+    assert info["target_params"] == budget
+    assert info["target_shape"] == info["search"][0]["shape"]
+    # The checkpoint keeps the searched shape: `composer-shear export` writes the same cut.
+    export_checkpoint(tmp_path / "ckpt" / "final.pt", tmp_path / "from_ckpt")
+    assert_same_cut(tmp_path / "from_ckpt", export)
+
+
+def test_retarget_refuses_a_dimension_without_gates():
+    from composer_shear.pruning.masking import attach_gates
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama_gqa")
+    gates = attach_gates(model, {"intermediate_size": 48}, binary=True)
+    source = gates.source
+    gates.retarget(source.resolve_target({"intermediate_size": 64}))
+    assert gates.gates["intermediate"].keep == 64
+    with pytest.raises(ValueError, match="cannot prune"):
+        gates.retarget(source.resolve_target({"hidden_size": 32}))
+
+
 FSDP_SCRIPT = r"""
 import os, sys
 from unittest import mock
@@ -143,6 +232,7 @@ from unittest import mock
 import torch
 
 plan, method, model_dir, data_dir, out = sys.argv[1:6]
+extra = sys.argv[6:]  # more overrides (the shape search)
 if plan == "fsdp2":
     os.environ["FSDP_VERSION"] = "2"
 else:
@@ -177,6 +267,7 @@ train_from_yaml(
         "fsdp_config.activation_checkpointing=true",
         "fsdp_config.activation_checkpointing_reentrant=false",
         *(mixed if plan == "fsdp2" else []),
+        *extra,
     ],
 ).close()
 """
@@ -199,3 +290,24 @@ def test_two_rank_fsdp_job_cuts_what_the_cli_cuts(plan, method, tiny_tokenizer_d
     info = json.loads((out / "export" / "composer_shear_export.json").read_text())
     assert info["calibration_tokens"] == TOKENS
     assert_same_cut(out / "export", cli_cut(model_dir, data_dir, tmp_path / "cli", method))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_rank_fsdp_job_searches_the_shape_as_the_cli(tiny_tokenizer_dir, tmp_path):
+    """target_params on 2 CPU ranks (FSDP2 FULL_SHARD): held-out batches split over the ranks,
+    losses all-reduced, rank 0's winner on every rank: the CLI's search table and cut."""
+    model_dir, data_dir = make_tiny_run_inputs(tmp_path, tiny_tokenizer_dir, "llama_gqa")
+    budget = tiny_budget(model_dir)
+    script = tmp_path / "oneshot_fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    out = tmp_path / "search"
+    out.mkdir()
+    args = [*SEARCH_OVERRIDES, f"{KEY}.target_params={budget}"]
+    proc = composer_launch(
+        2, script, "fsdp2", "activation", str(model_dir), str(data_dir), str(out), *args
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    cli = cli_cut(model_dir, data_dir, tmp_path / "cli", "activation", budget)
+    assert_same_search(out / "export", cli)
+    assert_same_cut(out / "export", cli)

@@ -19,6 +19,7 @@ from composer_shear.plan import (
     load_yaml,
     plan_job,
     read_config,
+    render,
     size_warnings,
 )
 from composer_shear.pruning.masking import attach_gates
@@ -112,6 +113,21 @@ def test_oneshot_recipe_plans_the_frozen_source():
     assert lines["gradients (fp32)"].gib == 0 and "frozen" in lines["gradients (fp32)"].note
     assert lines["optimizer state (decoupled_adamw)"].gib == 0
     assert lines["master weights (fp32)"].gib == pytest.approx(4 * 8_030_261_248 / 8 / 2**30)
+
+
+def test_oneshot_job_with_a_budget_plans_its_largest_candidate():
+    cfg = load_yaml(
+        REPO / "yamls" / "llama3.1-8b" / "oneshot_3b.yaml",
+        [
+            "algorithms.oneshot_pruning.target_shape=null",
+            "algorithms.oneshot_pruning.target_params=3.6e9",
+        ],
+    )
+    plan = plan_job(cfg, read_config(FIXTURES / "Llama-3.1-8B.json"), gpus=8)
+    assert plan.kind == "oneshot"
+    assert 0.97 * 3.6e9 <= plan.target["params"] <= 3.6e9
+    assert any("target_params 3,600,000,000" in note for note in plan.notes)
+    assert "note   : target_params" in render(plan)
 
 
 def test_kd_recipe_counts_the_teacher():

@@ -330,7 +330,11 @@ class PrunedHFExport(Callback):
             gates = find_gates(hf_model)
             weights = {key[len(MODEL_PREFIX) :]: value for key, value in weights.items()}
             hf_model = gated_model_from_weights(
-                hf_model.config, weights, gates.target.config_updates(), binary=gates.binary
+                hf_model.config,
+                weights,
+                gates.built_for.config_updates(),
+                binary=gates.binary,
+                resolved_target=gates.target.config_updates(),
             )
         tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
         # How the units were chosen (learned, or a one-shot job's scores), for the record.

@@ -568,6 +568,7 @@ def gated_model_from_checkpoint(checkpoint: dict[str, Any], load: bool = True) -
         seed=pruning.get("seed", 0),
         binary=bool(pruning.get("freeze_weights", False)),
         load=load,
+        resolved_target=pruning.get("resolved_target"),
     )
 
 
@@ -599,6 +600,7 @@ def gated_model_from_weights(
     seed: int = 0,
     binary: bool = False,
     load: bool = True,
+    resolved_target: dict[str, int] | None = None,
 ) -> nn.Module:
     """Builds the gated Hugging Face model of ``config`` from a full state dict, strictly.
 
@@ -613,6 +615,9 @@ def gated_model_from_weights(
         load: Load the weights; False checks their names and shapes and leaves the model's
             parameters on ``meta`` in the weights' dtype (the gates are loaded either way).
             Values may then be :class:`ShardedTensor` entries.
+        resolved_target: The shape the gates keep when it is not ``target_shape`` (a searched
+            target, ``oneshot_pruning``'s ``target_params``: the gates were built to cover
+            every candidate and keep the winner's units).
 
     Raises:
         ExportError: A tensor is missing, unexpected or of the wrong shape.
@@ -650,6 +655,8 @@ def gated_model_from_weights(
     # The initial values do not matter: every gate tensor is overwritten by the strict load.
     gates = attach_gates(model, dict(target_shape), seed=seed, binary=binary)
     _strict_load(gates, gate_state, "gate state")
+    if resolved_target is not None:
+        gates.retarget(gates.source.resolve_target(dict(resolved_target)))
     return model.eval()
 
 

@@ -260,6 +260,8 @@ def prune_oneshot_to_dir(
     overwrite: bool = False,
     target_params: int | None = None,
     non_embedding: bool = False,
+    width_multiple: int = 64,
+    budget_slack: float = 0.03,
     device: str = "cpu",
     dtype: str = "float32",
 ) -> OneshotSummary:
@@ -288,6 +290,9 @@ def prune_oneshot_to_dir(
             are scored by the loss of their cut on the data's eval split
             (:func:`composer_shear.export.search.search_shape`) and the best is cut.
         non_embedding: ``target_params`` counts non-embedding parameters.
+        width_multiple: ``target_params``' candidates have hidden and intermediate sizes in
+            multiples of this (tensor cores want 64 or 128).
+        budget_slack: ``target_params``' candidates are within this fraction below it.
         device: Where the model runs (``cpu``, ``cuda``, ``cuda:1``); the cut is written from
             the CPU.
         dtype: Dtype the weights are loaded, scored and written in (``float32``,
@@ -339,8 +344,10 @@ def prune_oneshot_to_dir(
             )
     elif target_shape is not None:
         source_shape.resolve_target(dict(target_shape))
-    else:
-        candidate_shapes(source_shape, target_params, non_embedding)  # a budget too small fails
+    else:  # a budget too small fails here
+        candidate_shapes(
+            source_shape, target_params, non_embedding, width_multiple, slack=budget_slack
+        )
     print(f"loading {source} ({dtype}, {run_on})", flush=True)
     model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=DTYPES[dtype]).to(run_on)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -381,6 +388,8 @@ def prune_oneshot_to_dir(
                 ),
                 held_out,
                 non_embedding,
+                width_multiple=width_multiple,
+                slack=budget_slack,
             )
             print(TABLE_HEADER)
             for candidate in search:
@@ -456,6 +465,8 @@ def _run_cli(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             target_params=None if args.target_params is None else int(args.target_params),
             non_embedding=args.non_embedding,
+            width_multiple=args.width_multiple,
+            budget_slack=args.budget_slack,
             device=args.device,
             dtype=args.dtype,
         )
@@ -499,6 +510,19 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "--non-embedding",
         action="store_true",
         help="--target-params counts parameters outside the embedding and LM head",
+    )
+    parser.add_argument(
+        "--width-multiple",
+        type=positive_int,
+        default=64,
+        help="--target-params' candidates have hidden and intermediate sizes in multiples of "
+        "this (tensor cores want 64 or 128)",
+    )
+    parser.add_argument(
+        "--budget-slack",
+        type=float,
+        default=0.03,
+        help="--target-params' candidates are within this fraction below the budget",
     )
     parser.add_argument(
         "--data",

@@ -23,7 +23,16 @@ from torch import nn
 
 from composer_shear.shape import ModelShape, ShapeError
 
-__all__ = ["TABLE_HEADER", "Candidate", "candidate_shapes", "cut_loss", "search_shape"]
+__all__ = [
+    "TABLE_HEADER",
+    "Candidate",
+    "candidate_shapes",
+    "covering_target",
+    "cut_loss",
+    "ranked",
+    "search_shape",
+    "shapes_to_score",
+]
 
 
 @dataclass
@@ -154,6 +163,63 @@ def cut_loss(compact: nn.Module, batches: Sequence[Any]) -> float:
     return sum(losses) / len(losses)
 
 
+def shapes_to_score(
+    source: ModelShape,
+    budget: int,
+    non_embedding: bool = False,
+    max_candidates: int = 24,
+    **candidate_options: Any,
+) -> list[Candidate]:
+    """The candidates a search scores: at most ``max_candidates``, spread over the depths.
+
+    Every depth's largest shape first, then every depth's second largest, and so on (deepest
+    first), so that a small ``max_candidates`` still compares depths rather than widths of
+    the deepest one. The CLI's search and the ``oneshot_pruning`` job score this same list.
+
+    Args:
+        source: The source model's shape.
+        budget: Parameter budget.
+        non_embedding: The budget counts non-embedding parameters.
+        max_candidates: At most this many.
+        **candidate_options: Passed to :func:`candidate_shapes`.
+
+    Raises:
+        ShapeError: No valid shape fits the budget, or ``max_candidates`` < 1.
+    """
+    if int(max_candidates) < 1:
+        raise ShapeError(f"max_candidates must be at least 1, got {max_candidates}")
+    per_depth: dict[int, list[Candidate]] = {}
+    for candidate in candidate_shapes(source, budget, non_embedding, **candidate_options):
+        per_depth.setdefault(candidate.shape.num_hidden_layers, []).append(candidate)
+    columns = itertools.zip_longest(*per_depth.values())
+    return [c for row in columns for c in row if c is not None][: int(max_candidates)]
+
+
+def covering_target(source: ModelShape, candidates: Sequence[Candidate]) -> dict[str, int]:
+    """A target that shrinks every dimension some candidate shrinks (the smallest sizes).
+
+    Gates are built for a target before a search picks one: gates for this target can hold
+    any candidate's cut (:meth:`~composer_shear.pruning.masking.ShearGates.retarget`).
+
+    Raises:
+        ShapeError: ``candidates`` is empty.
+    """
+    if not candidates:
+        raise ShapeError("no candidate shapes to cover")
+    shapes = [c.shape for c in candidates]
+    kv = min(s.num_key_value_heads for s in shapes)
+    per_group = min(s.heads_per_group for s in shapes)
+    target = {
+        "num_hidden_layers": min(s.num_hidden_layers for s in shapes),
+        "hidden_size": min(s.hidden_size for s in shapes),
+        "intermediate_size": min(s.intermediate_size for s in shapes),
+        "num_key_value_heads": kv,
+        "num_attention_heads": kv * per_group,
+    }
+    source.resolve_target(target)  # valid by construction; checked all the same
+    return target
+
+
 def search_shape(
     source: ModelShape,
     budget: int,
@@ -173,21 +239,20 @@ def search_shape(
             (:func:`composer_shear.export.oneshot.prune_oneshot_to_dir` passes it).
         batches: Held-out batches the cuts are scored on.
         non_embedding: The budget counts non-embedding parameters.
-        max_candidates: Score at most this many (spread over depths, deepest first).
+        max_candidates: Score at most this many (:func:`shapes_to_score`).
         **candidate_options: Passed to :func:`candidate_shapes`.
 
     Returns:
         The winner and every scored candidate (lowest loss first).
     """
-    candidates = candidate_shapes(source, budget, non_embedding, **candidate_options)
-    # Spread the scoring over the depths: every depth's largest shape, then the second ...
-    per_depth: dict[int, list[Candidate]] = {}
-    for candidate in candidates:  # largest first within a depth
-        per_depth.setdefault(candidate.shape.num_hidden_layers, []).append(candidate)
-    columns = itertools.zip_longest(*per_depth.values())
-    candidates = [c for row in columns for c in row if c is not None][:max_candidates]
+    candidates = shapes_to_score(source, budget, non_embedding, max_candidates, **candidate_options)
     for index, candidate in enumerate(candidates, 1):
         candidate.loss = cut_loss(cut(candidate.shape), batches)
         print(f"  [{index}/{len(candidates)}] {candidate.row()}", flush=True)
+    return ranked(candidates)
+
+
+def ranked(candidates: Sequence[Candidate]) -> tuple[Candidate, list[Candidate]]:
+    """The winner (lowest loss; the first listed among equals) and every candidate, best first."""
     scored = sorted(candidates, key=lambda c: c.loss)
     return scored[0], scored

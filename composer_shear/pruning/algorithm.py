@@ -215,6 +215,7 @@ def rank_calibration_batches(
     owner: str,
     data_key: str,
     whole_rounds: bool = False,
+    split: str = "train",
 ) -> list[torch.Tensor]:
     """This rank's share of the calibration batches of a running job.
 
@@ -234,6 +235,7 @@ def rank_calibration_batches(
         owner: The algorithm's name, for messages.
         data_key: The algorithm's key that names ``data_dir``, for messages.
         whole_rounds: Round ``tokens`` up to whole rounds of one batch per rank.
+        split: The data's split (``eval``: batches held out from the importance pass).
     """
     domains, seq_len = None, None
     mixer = find_multi_domain_dataset(state.dataloader)
@@ -268,6 +270,7 @@ def rank_calibration_batches(
         batch_size,
         domains=domains,
         seed=seed,
+        split=split,
         tokenizer=getattr(composer_model_of(state.model), "tokenizer", None),
     )
     per_rank = -(-len(batches) // world)
@@ -531,7 +534,7 @@ class TargetedPruning(Algorithm):
 
     def __init__(
         self,
-        target_shape: Mapping[str, int],
+        target_shape: Mapping[str, int] | None,
         lagrangian_warmup: str | int = "0.2dur",
         gate_lr: float = 1.0,
         lambda_lr: float = 1.0,
@@ -562,7 +565,9 @@ class TargetedPruning(Algorithm):
         self.freeze_weights, self.objective = bool(freeze_weights), objective
         self._teacher_logits: torch.Tensor | None = None
         self.schedule_gates = bool(schedule_gates)
-        self.target_shape = _validate_target(target_shape)
+        # None: a subclass settles the shape before INIT builds the gates (oneshot_pruning's
+        # target_params); INIT refuses an empty one.
+        self.target_shape = {} if target_shape is None else _validate_target(target_shape)
         self.harden_auto = harden_at == "auto"
         self.harden_at = (
             None
@@ -641,7 +646,7 @@ class TargetedPruning(Algorithm):
             _check_gate_precision(state)
             self.gates = apply_targeted_pruning(
                 state.model,
-                self.target_shape,
+                _validate_target(self.target_shape),
                 optimizers=list(state.optimizers),
                 gate_lr=self.gate_lr,
                 lambda_lr=self.lambda_lr,

@@ -153,6 +153,8 @@ class ShearGates(nn.Module):
     ):
         super().__init__()
         self.source, self.target = source, target
+        # The target the gates were built for; `target` may move (retarget) within it.
+        self.built_for = target
         self.binary = bool(binary)
         self.gates = nn.ModuleDict()
         for name, (shape, keep) in gate_specs(source, target).items():
@@ -509,6 +511,28 @@ class ShearGates(nn.Module):
             gate.clamp_()
         # The step changed the gates. Under FSDP the version counters of the parameters the
         # eval forward sees (views of freshly gathered storage) need not tell.
+        self._eval_cache = None
+
+    def retarget(self, target: ModelShape) -> None:
+        """Points the gates at another target of the same source: the units each row keeps.
+
+        The gates stay as built (for a target that shrinks every dimension ``target`` may
+        shrink); a gate whose dimension ``target`` keeps whole keeps every unit. A search over
+        shapes scores each candidate this way on the one model, then keeps the winner.
+
+        Raises:
+            ValueError: ``target`` shrinks a dimension that has no gates.
+        """
+        specs = gate_specs(self.source, target)
+        missing = sorted(set(specs) - set(self.gates))
+        if missing:
+            raise ValueError(
+                f"target {target.describe()} shrinks {missing}, which these gates (built for "
+                f"{self.target.describe()}) cannot prune"
+            )
+        for name, gate in self.gates.items():
+            gate.keep = specs[name][1] if name in specs else gate.num_units
+        self.target = target
         self._eval_cache = None
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
