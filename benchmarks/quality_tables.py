@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -85,6 +86,30 @@ def point_flops(record: Mapping[str, Any], tokens: float) -> float:
         + per_token["cpt"] * n_target * cpt
         + per_token["cpt_teacher"] * n_source * cpt
     )
+
+
+def loss_at_flops(record: Mapping[str, Any], flops: float) -> float | None:
+    """A record's mean eval loss at ``flops`` training FLOPs, or None if its curve stops short.
+
+    Linear between the curve's evaluations.
+    """
+    if not record.get("flop_params") or not record.get("curve"):
+        return None
+    points = [(point_flops(record, tokens), loss) for tokens, loss in record["curve"]]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= flops <= x1:
+            return y0 + (y1 - y0) * (flops - x0) / (x1 - x0) if x1 > x0 else y1
+    return None
+
+
+def equal_compute(results: Mapping[str, list[dict[str, Any]]]) -> float | None:
+    """The compute a budget's cells are compared at.
+
+    The one-shot route's (the cheapest real route), else the smallest any cell spent.
+    """
+    pool = results.get("oneshot") or [r for records in results.values() for r in records]
+    flops = [r["train_flops"] for r in pool if r.get("train_flops")]
+    return min(flops) if flops else None
 
 
 def stat(values: list[float]) -> str:
@@ -148,7 +173,9 @@ def results_table(
 ) -> str:
     """One budget's markdown table: per-domain and mean eval loss, gaps, compute, seeds."""
     domains = cfg["domains"]
-    header = ["method", "train tokens", "train TFLOPs", "mean eval loss", *domains,
+    at = equal_compute(results)
+    at_header = f"at {at / 1e12:.1f} TFLOPs" if at else "at equal compute"
+    header = ["method", "train tokens", "train TFLOPs", "mean eval loss", at_header, *domains,
               "worst gap to ref", "before CPT", "export gap", "landing (units)",
               "downstream acc", "wall time", "seeds"]  # fmt: skip
     rows = []
@@ -163,11 +190,13 @@ def results_table(
         landings = [max(r["landing"].values()) for r in records if r.get("landing")]
         accs = [r["downstream"]["mean"] for r in records if r.get("downstream")]
         seconds = statistics.fmean(sum(r["seconds"].values()) for r in records)
+        at_compute = [loss_at_flops(r, at) for r in records] if at else []
         rows.append([
             method_label(cfg, name, records[0]),
             f"{tokens['prune'] + tokens['cpt']:,} ({tokens['prune']:,} + {tokens['cpt']:,})",
             f"{flops[0] / 1e12:.1f}" if flops else "-",
             f"**{stat(means)}**",
+            stat(at_compute) if at_compute and None not in at_compute else "-",
             *(stat([r["after_cpt"][d] for r in records]) for d in domains),
             stat(gaps),
             stat(befores) if befores else "-",
@@ -179,7 +208,7 @@ def results_table(
         ])  # fmt: skip
     source_acc = [source_downstream["mean"]] if source_downstream else []
     mean_reference = f"{statistics.fmean(reference.values()):.3f}"
-    rows.append(["source model (reference)", "-", "-", mean_reference,
+    rows.append(["source model (reference)", "-", "-", mean_reference, "-",
                  *(f"{reference[d]:.3f}" for d in domains), "0", "-", "-", "-",
                  downstream_cell(source_acc), "-", "-"])  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
