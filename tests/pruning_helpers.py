@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -114,11 +115,17 @@ def free_port() -> int:
 
 
 def composer_launch(
-    nproc: int, script: Path, *args: str, timeout: int = 600, env: dict[str, str] | None = None
+    nproc: int,
+    script: Path,
+    *args: str,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+    launcher_args: Sequence[str] = (),
 ):
     """Runs ``composer -n nproc script args`` on CPU and returns the completed process.
 
-    ``env`` adds variables to the processes' environment.
+    ``env`` adds variables to the processes' environment; ``launcher_args`` go to ``composer``
+    itself (e.g. ``--stdout DIR/rank{rank}.txt`` keeps every rank's output).
     """
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [
@@ -127,6 +134,7 @@ def composer_launch(
         str(nproc),
         "--master_port",
         str(free_port()),
+        *launcher_args,
         str(script),
         *args,
     ]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -12,12 +15,14 @@ import yaml
 
 from composer_shear.data.calibration import read_mds_token_samples
 from composer_shear.data.reference_loss import (
+    _domain_sums,
     evaluate_domain_losses,
     fit_scaling_law,
     predict_loss,
     register_cli,
     target_loss_snippet,
 )
+from tests.pruning_helpers import REPO, VENV_BIN, composer_launch, free_port
 from tests.tiny_models import save_tiny_checkpoint, tiny_model
 
 # ----------------------------------------------------------------------------- scaling law
@@ -253,3 +258,202 @@ def test_evaluate_on_prepared_shards(tiny_tokenizer_dir, tmp_path):
         samples = [x.tolist() for x in read_mds_token_samples(data / domain / "eval")]
         assert samples and all(len(s) == 32 for s in samples)
         assert value == pytest.approx(_direct_loss(model, samples, 32), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- several ranks
+
+# Imported by every launched process (first on PYTHONPATH): test instrumentation through
+# Python's audit hooks, not a change to the code under test. It logs each file this rank opens
+# for writing, or renames, under WATCH_DIR; and on RANK 1 opening a path containing
+# FAIL_ON_RANK1 raises, as a disk error on one rank would.
+_SITECUSTOMIZE = """
+import os
+import sys
+
+_rank = os.environ.get("RANK", "0")
+_watch = os.environ.get("WATCH_DIR")
+_fail_on = os.environ.get("FAIL_ON_RANK1") if _rank == "1" else None
+_written = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+_log = None
+if _watch:
+    _log = os.open(
+        os.path.join(os.environ["WATCH_LOG_DIR"], "writes.rank" + _rank),
+        os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    )
+
+
+def _name(path):
+    return os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+
+
+def _hook(event, args):
+    if event == "open":
+        path, mode, flags = _name(args[0]), args[1], args[2] or 0
+        if _fail_on and _fail_on in path:
+            raise PermissionError("injected failure opening " + path)
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or flags & _written
+        if _log is not None and writes and path.startswith(_watch):
+            os.write(_log, (path + "\\n").encode())
+    elif event in ("os.rename", "os.replace") and _log is not None:
+        if _name(args[1]).startswith(_watch):
+            os.write(_log, (_name(args[1]) + "\\n").encode())
+
+
+if _watch or _fail_on:
+    sys.addaudithook(_hook)
+"""
+
+
+@pytest.mark.parametrize(("n_samples", "world"), [(5, 2), (7, 3), (1, 2), (8, 2)])
+def test_batches_split_over_ranks(n_samples, world):
+    """Each rank forwards every world-th batch of the one-process batches; none twice or lost."""
+    samples = [np.arange(i, i + 3 + i % 4) for i in range(n_samples)]
+    samples.insert(2, np.array([7]))  # nothing to predict: skipped by every rank alike
+
+    def run(rank, world):
+        seen = []
+
+        def forward(batch):
+            seen.append([x.tolist() for x in batch])
+            return float(len(seen)), sum(len(x) - 1 for x in batch)
+
+        return _domain_sums(forward, iter(samples), 5, 2, rank, world), seen
+
+    (_, one_tokens), one_batches = run(0, 1)
+    parts = [run(rank, world) for rank in range(world)]
+    assert [batch for (_, batches) in parts for batch in batches] != []
+    for rank, (_, batches) in enumerate(parts):
+        assert batches == one_batches[rank::world]
+    assert sum(tokens for (_, tokens), _ in parts) == one_tokens
+
+
+@pytest.fixture(scope="module")
+def multirank_inputs(tiny_tokenizer_dir, tmp_path_factory):
+    """A tiny model; 3 domains of 5, 3 and 1 samples (3, 2 and 1 batches of 2); the hook."""
+    root = tmp_path_factory.mktemp("multirank")
+    rng = np.random.default_rng(1)
+    for name, lengths in (("alpha", (24, 17, 24, 9, 24)), ("beta", (20,) * 3), ("gamma", (12,))):
+        samples = [rng.integers(3, 500, size=n).tolist() for n in lengths]
+        _write_mds(
+            root / "data" / name / "eval", samples, "tokens" if name == "beta" else "input_ids"
+        )
+    model_dir = save_tiny_checkpoint(tiny_model("llama_gqa"), tiny_tokenizer_dir, root / "model")
+    hook_dir = root / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    return model_dir, root / "data", hook_dir
+
+
+def _reference_loss_args(model_dir, data_dir, out_dir):
+    return [
+        "reference-loss",
+        "--model", str(model_dir),
+        "--data", str(data_dir),
+        "--max-seq-len", "20",
+        "--batch-size", "2",
+        "--out", str(out_dir / "snippet.yaml"),
+        "--json", str(out_dir / "losses.json"),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_match_one_process(multirank_inputs, tmp_path):
+    """``composer -n 2 composer-shear reference-loss``: one process's losses, rank 0 writes."""
+    model_dir, data_dir, hook_dir = multirank_inputs
+    cli = VENV_BIN / "composer-shear"
+    one, two, logs = tmp_path / "one", tmp_path / "two", tmp_path / "logs"
+    for folder in (one, two, logs):
+        folder.mkdir()
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    single = subprocess.run(
+        [str(cli), *_reference_loss_args(model_dir, data_dir, one)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    single_s = time.perf_counter() - started
+    assert single.returncode == 0, single.stderr[-3000:]
+    started = time.perf_counter()
+    proc = composer_launch(
+        2,
+        cli,
+        *_reference_loss_args(model_dir, data_dir, two),
+        timeout=300,
+        env={
+            "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}",
+            "WATCH_DIR": str(two),
+            "WATCH_LOG_DIR": str(logs),
+        },
+        launcher_args=[
+            "--stdout",
+            f"{logs}/rank{{rank}}.out",
+            "--stderr",
+            f"{logs}/rank{{rank}}.err",
+        ],
+    )
+    double_s = time.perf_counter() - started
+    print(f"reference-loss wall time: 1 process {single_s:.1f} s, composer -n 2 {double_s:.1f} s")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    expected = json.loads((one / "losses.json").read_text())
+    got = json.loads((two / "losses.json").read_text())
+    assert list(expected) == list(got) == ["alpha", "beta", "gamma"]
+    for domain, value in expected.items():
+        assert np.isfinite(value)
+        assert got[domain] == pytest.approx(value, rel=1e-6)
+    assert (two / "snippet.yaml").read_text() == (one / "snippet.yaml").read_text()
+    # Rank 0 printed the table and wrote both files; rank 1 printed and wrote nothing.
+    assert proc.stdout.count("target_loss:") == 1
+    rank0_writes = (logs / "writes.rank0").read_text().split()
+    assert {str(two / "snippet.yaml"), str(two / "losses.json")} <= set(rank0_writes)
+    assert not (logs / "writes.rank1").exists() or not (logs / "writes.rank1").read_text()
+    assert "target_loss" not in (logs / "rank1.out").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_failing_rank_fails_every_rank(multirank_inputs, tmp_path):
+    """Rank 1 cannot read a domain: both ranks exit 1, each naming rank 1's error.
+
+    Launched by hand, without a launcher that stops the other ranks when one exits. Without the
+    error flag, rank 0 would only see gloo's "Connection reset by peer" when rank 1 died (and
+    under NCCL wait for the collective timeout).
+    """
+    model_dir, data_dir, hook_dir = multirank_inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    base = {
+        **os.environ,
+        "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}",
+        "OMP_NUM_THREADS": "1",
+        "FAIL_ON_RANK1": str(data_dir / "beta" / "eval" / "shard."),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    command = [str(VENV_BIN / "composer-shear"), *_reference_loss_args(model_dir, data_dir, out)]
+    ranks = [
+        subprocess.Popen(
+            command,
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=240) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [1, 1]
+    for _, err in outputs:
+        assert "evaluating domain 'beta' failed on 1 of 2 ranks (rank 1: PermissionError" in err
+        assert "injected failure opening" in err
+    assert "target_loss" not in outputs[0][0]
+    assert not list(out.iterdir())  # nothing written
